@@ -183,7 +183,7 @@ class CNN(nn.Module):
             if use_bn:
                 norm_act.insert(len(norm_act) if bn_after_act else 0, nn.BatchNorm2d(ch))
             layers += norm_act
-            label = f"{channels}->{ch}, k{k} s{stride} p{pad}"
+            label = f"{channels}->{ch}, k{k} s{stride} p{pad}" + ("" if use_bn else ", no BN")
             block_pool = spec.get("pool", pool)
             if block_pool is not None:
                 ph, pw = _pair(where, "pool", block_pool, 1)

@@ -61,6 +61,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.label = f"{in_planes}->{planes} s{stride}"  # for layer_summary
         if stride == 1 and in_planes == planes:
             self.shortcut: nn.Module = nn.Identity()
         elif shortcut == "conv":
@@ -70,6 +71,8 @@ class BasicBlock(nn.Module):
             )
         else:
             self.shortcut = PadShortcut(in_planes, planes, stride)
+        if not isinstance(self.shortcut, nn.Identity):
+            self.label += f", {shortcut} shortcut"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
