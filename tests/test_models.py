@@ -121,6 +121,7 @@ def test_cnn_mapping_entries_and_flatten():
         (["fc=[0]"], r"model\.fc\[0\] \(FC 1\): units=0"),
         (["act=swish"], r"model\.act='swish': allowed: relu"),
         (["fc_dropout=1.5"], r"model\.fc_dropout=1\.5: a dropout probability"),
+        (["batchnorm=3"], r"model\.batchnorm=3: must be true or false"),
         (["widht=3"], r"model\.widht: not a key of model 'cnn'; allowed: conv"),
     ],
 )

@@ -153,6 +153,11 @@ class CNN(nn.Module):
             raise UserError(f"model.conv={conv!r}: must be a list of channels or mappings")
         if isinstance(fc, (str, Mapping)) or not isinstance(fc, Sequence):
             raise UserError(f"model.fc={fc!r}: must be a list of widths or mappings")
+        for key, flag in (("batchnorm", batchnorm), ("bn_after_act", bn_after_act)):
+            if not isinstance(flag, bool):
+                raise UserError(f"model.{key}={flag!r}: must be true or false")
+        if isinstance(act_slope, bool) or not isinstance(act_slope, (int, float)):
+            raise UserError(f"model.act_slope={act_slope!r}: must be a number")
         num_classes = _int("model", "num_classes", num_classes, 1, "the class count")
         channels = _int("model", "in_channels", in_channels, 1, "the input channel count")
         kernel = _int("model", "kernel", kernel, 1, "the default kernel size")
@@ -163,7 +168,7 @@ class CNN(nn.Module):
         blocks: list[nn.Module] = []
         for i, item in enumerate(conv):
             where = f"model.conv[{i}] (conv {i + 1})"
-            spec = self._conv_spec(where, item, kernel)
+            spec = self._conv_spec(where, item)
             ch = spec["ch"]
             k = _int(where, "k", spec.get("k", kernel), 1, "the kernel size")
             stride = _int(where, "stride", spec.get("stride", 1), 1, "the stride")
@@ -234,7 +239,7 @@ class CNN(nn.Module):
         self.classifier = nn.Sequential(*hidden)
 
     @staticmethod
-    def _conv_spec(where: str, item: Any, kernel: int) -> dict[str, Any]:
+    def _conv_spec(where: str, item: Any) -> dict[str, Any]:
         if isinstance(item, Mapping):
             _unknown(where, item, CONV_KEYS)
             if "ch" not in item:
