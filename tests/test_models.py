@@ -12,6 +12,8 @@ from cifar_run.errors import UserError
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 
+from .conftest import TEST_DATA, run_cli
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_FILES = sorted(CONF.glob("*.yaml"))
 
@@ -37,6 +39,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# For the CLI subprocesses: the same reason as the fixture above.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def load(name: str, *overrides: str):
@@ -150,3 +156,25 @@ def test_resnet_depths_and_shortcuts_are_configurable():
     pad = count_parameters(build_model(load("resnet20")))
     conv = count_parameters(build_model(load("resnet20", "shortcut=conv")))
     assert conv - pad == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_dry_run_prints_count_and_layer_table(tmp_path: Path):
+    proc = run_cli("model=resnet32", "dry_run=true", cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert "\nparameters: 464154\n" in proc.stdout
+    table = proc.stdout.split("\nlayers:\n", 1)[1]
+    assert "stages.1.1-4  BasicBlock 32->32 s1 x4" in table
+    assert table.rstrip().endswith("464,154 parameters")
+
+
+def test_impossible_cnn_on_the_command_line_is_one_line_before_data(tmp_path: Path):
+    proc = run_cli(
+        "model=cnn", "model.conv=[8,8,8,8,8,8]", "data=imagefolder", f"data.root={TEST_DATA}",
+        "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=ONE_THREAD,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cifar-run: error: model.conv[5] (conv 6): input is 1x1, pooling 2x2 would leave "
+        "nothing; use a smaller pool or fewer downsampling layers before it"
+    ]
+    assert "load" not in proc.stdout.lower() + proc.stderr.lower()

@@ -24,6 +24,7 @@ from cifar_run.data import load_data
 from cifar_run.engine import evaluate, train_one_epoch
 from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
+from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     augment = build_augment(cfg.augment)
     if cfg.dry_run:
         print(_summary(cfg, model, params, device), flush=True)
+        print(f"layers:\n{layer_summary(model)}", flush=True)
         return {"status": "dry_run", "params": params}
 
     results = base_results(cfg, params, device)
