@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from cifar_run import report
+from cifar_run.cli import CONF_DIR
 from cifar_run.summary import load_runs, summarize
 
+from .conftest import compose_cfg, run_cli
 from .test_sweep import PNG_MAGIC, run_report
 
 
@@ -178,3 +180,53 @@ def test_report_on_a_folder_without_runs_exits_2_with_one_line(tmp_path: Path, m
     assert len(lines) == 1 and str(target) in lines[0], proc.stderr
     assert ("no such folder" if make == "missing" else "expected a run folder") in lines[0]
     assert proc.stdout == "" and not list(tmp_path.rglob("summary.*"))
+
+
+# The experiment configs: one per reference report.
+
+EXPERIMENTS = {
+    "report000": {"epochs": 10, "lr": 0.0153, "batch_size": 64, "prune": 0.5},
+    "report001": {"epochs": 100, "lr": 0.01, "batch_size": 64},
+    "report002": {"epochs": 20, "lr": 0.0005, "batch_size": 60},
+    "report003": {"epochs": 50, "lr": 0.1, "batch_size": 128},
+    "report004": {"epochs": 100, "lr": 0.01, "batch_size": 64},
+}
+
+
+def test_every_report_has_an_experiment_config() -> None:
+    files = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    assert files == sorted(EXPERIMENTS)
+    for name in files:
+        text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_") and f"seeds/{name[-3:]}_" in text
+
+
+def _available(group: str) -> set[str]:
+    return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_sets_the_reports_values(name: str) -> None:
+    """Compose each experiment; options another branch adds are swapped for existing ones."""
+    text = yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text())
+    swaps = []
+    for entry in text["defaults"]:
+        [(key, option)] = entry.items()
+        group = key.split("/")[-1]
+        if option not in _available(group):
+            swaps.append(f"{group}={sorted(_available(group))[0]}")
+    cfg = compose_cfg([f"experiment={name}", *swaps])
+    for key, value in EXPERIMENTS[name].items():
+        assert cfg[key] == value, key
+    if name == "report000":
+        assert cfg.data.val_size == 10000 and cfg.optim.momentum == 0.6
+        assert cfg.sched.name == "none" and cfg.augment.name == "none"
+    # The command line still wins over the experiment.
+    assert compose_cfg([f"experiment={name}", *swaps, "lr=0.5"]).lr == 0.5
+
+
+def test_report000_runs_as_configured(tmp_path: Path) -> None:
+    proc = run_cli("experiment=report000", "prune=0", "dry_run=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr 0.0153, batch_size 64, epochs 10" in proc.stdout
+    assert "sched: none" in proc.stdout and "val_size 10000" in proc.stdout
