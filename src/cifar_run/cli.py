@@ -15,8 +15,10 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_run import sweep
 from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -31,6 +33,7 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
+sweep.register_resolvers()  # hydra.sweep.subdir names job folders with it
 
 # Hydra flags that print or do something other than a run: leave them to Hydra untouched.
 _HYDRA_ONLY_FLAGS = {
@@ -96,6 +99,22 @@ def _compose_error(exc: BaseException, overrides: list[str], base: DictConfig) -
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+def _hydra_error(exc: BaseException) -> str:
+    """One line for a bad hydra/... override: Hydra's first line, its reason, its options."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""
+    if cause and cause != "None":
+        line += f" ({cause.splitlines()[0]})"  # e.g. Key 'n_jobs' not in 'BasicLauncherConf'
+    listed = text.partition("Available options in")[2].partition("Config search path")[0]
+    options = [o.strip() for o in listed.splitlines()[1:] if o.strip()]
+    if options:
+        line += f"; choose one of: {', '.join(options)}"
+    if "hydra/launcher/joblib" in text or "hydra/launcher/submitit" in text:
+        line += ' (the launcher plugins: pip install "cifar-run[sweep]" or "cifar-run[slurm]")'
+    return line
+
+
 def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
     for override in parsed:
         group = override.key_or_group
@@ -136,8 +155,14 @@ def preflight(argv: list[str]) -> None:
     if sweeps and not multirun:
         fail(f"{sweeps[0]}: several values need multirun; add -m")
     jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
+    launcher = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose(config_name="config")
+        if launcher:  # hydra/launcher=..., hydra.sweep.dir=...: checked once, for every job
+            try:
+                compose(config_name="config", overrides=launcher, return_hydra_config=True)
+            except Exception as exc:
+                fail(_hydra_error(exc))
         for job in jobs:
             try:
                 cfg = compose(config_name="config", overrides=job)
@@ -155,7 +180,13 @@ def preflight(argv: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from cifar_run.run import run
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # A failing job must not stop the sweep: it is recorded, and the summary callback
+        # (cifar_run.callbacks) reports it and sets the exit status once every job has run.
+        sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
+        return
     try:
         run(cfg, None if cfg.dry_run else out_dir)
     except UserError as exc:
@@ -168,10 +199,47 @@ def main() -> None:
     _hydra_main()
 
 
-def report_main() -> None:
-    """Entry point of `cifar-report` (sweep tables and plots; see the sweeps issue)."""
-    print(
-        "cifar-report: not implemented yet; each run folder already holds results.md",
-        file=sys.stderr,
+def report_main(argv: list[str] | None = None) -> None:
+    """Entry point of `cifar-report`: the sweep summary of any run or sweep folders."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cifar-report",
+        description="Tabulate and plot run folders: prints the Markdown table and writes "
+        "summary.csv, summary.md, summary.png (and summary_seeds.* when seed varies).",
     )
-    raise SystemExit(1)
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="run or sweep folders (or parents)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where the summary files go (default: into PATH when one is given; with "
+        "several PATHs, only the table is printed unless --out is given)",
+    )
+    args = parser.parse_args(argv)
+
+    from cifar_run.summary import NoRunsError, load_runs, summarize, write_summary
+
+    try:
+        runs = load_runs(args.paths)
+    except NoRunsError as exc:
+        fail(str(exc), prog="cifar-report")
+    summary = summarize(runs)
+    print(summary.markdown(), end="", flush=True)
+    seeds = summary.seeds_markdown()
+    if seeds is not None:
+        print(f"\nMean and standard deviation over seeds:\n\n{seeds}", end="", flush=True)
+    out = args.out or (args.paths[0] if len(args.paths) == 1 else None)
+    if out is None:
+        print(
+            "cifar-report: several folders given; pass --out DIR to write the summary files",
+            file=sys.stderr,
+        )
+        return
+    try:
+        written = write_summary(summary, out)
+    except OSError as exc:
+        fail(f"--out {out}: cannot write there ({exc.strerror or exc})", prog="cifar-report")
+    print(f"cifar-report: wrote {', '.join(p.name for p in written)} to {out}", file=sys.stderr)

@@ -95,6 +95,8 @@ def validate(cfg: DictConfig) -> None:
     non_negative_int("seed", cfg.seed)
     boolean("dry_run", cfg.dry_run)
     check_device(cfg.device)
+    if cfg.get("threads") is not None:
+        positive_int("threads", cfg.threads)
     if not _is_number(cfg.prune) or cfg.prune != 0:
         raise UserError(f"prune={cfg.prune}: pruning is not implemented yet; allowed: 0")
     check_data(cfg.data)

@@ -74,6 +74,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "optimizer": cfg.optim.name,
         "seed": cfg.seed,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "augment": cfg.augment.name,
         "sched": cfg.sched.name,
         "data": cfg.data.name,
@@ -85,6 +86,8 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
+    if cfg.get("threads") is not None:  # parallel sweep jobs share the machine's cores
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
