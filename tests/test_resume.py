@@ -259,7 +259,7 @@ def test_a_new_run_does_not_overwrite_a_run_folder(tmp_path: Path) -> None:
 
 def test_deterministic_runs_repeat_exactly(tmp_path: Path) -> None:
     first = run(compose_cfg([*RESUMABLE, "epochs=1"]), tmp_path / "a")
-    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     second = run(compose_cfg([*RESUMABLE, "epochs=1"]), tmp_path / "b")
     assert first["test_loss"] == second["test_loss"]
@@ -354,3 +354,38 @@ def test_nan_is_named_at_its_exact_step_however_rarely_checked() -> None:
             )
         assert info.value.step == 7 and info.value.lr == 0.1
         model.load_state_dict(LeNet5().state_dict())  # the bad step ruined the weights
+
+
+def _options(group: str) -> list[str]:
+    from cifar_run.cli import groups
+
+    return groups()[group]
+
+
+@pytest.mark.parametrize("sched", _options("sched"))
+@pytest.mark.parametrize("optim", _options("optim"))
+def test_every_optimizer_and_schedule_state_loads_with_weights_only(
+    tmp_path: Path, optim: str, sched: str
+) -> None:
+    cfg = compose_cfg([*TINY, f"optim={optim}", f"sched={sched}"])
+    model = LeNet5()
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    scheduler, _ = build_scheduler(cfg.sched, optimizer)
+    batch = (torch.randn(4, 3, 32, 32), torch.arange(4))
+    train_one_epoch(model, [batch], optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    loop = checkpoint.LoopState(epoch=1, best_epoch=1)
+    gen = {"order": torch.Generator()}
+    checkpoint.save(
+        tmp_path,
+        loop,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators=gen,
+        cfg=cfg,
+        device=torch.device("cpu"),
+    )
+    data = checkpoint.load(checkpoint.state_path(tmp_path)).data
+    assert data["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    if scheduler is not None:
+        assert data["scheduler"] == scheduler.state_dict()

@@ -100,19 +100,27 @@ def _unknown_key(given: str, key: str, base: DictConfig) -> str:
     return f"{given}: unknown key '{key}'; {hint}"
 
 
-def _check_added_keys(job: list[str], added: dict[str, str]) -> None:
-    """`+key=value` may only set keys the config has: an added key would be read by nothing."""
+_ABSENT = object()
+
+
+def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
+    """`+key=value` may only set keys the config has: an added key would be read by nothing.
+
+    (`+group=option` selects an option of a config group and is left alone.)
+    """
     from hydra import compose
 
+    added = {
+        o.lstrip("+").split("=")[0]: o
+        for o in job
+        if o.startswith("+") and o.lstrip("+").split("=")[0] not in options
+    }
     if not added:
         return
     base = compose(config_name="config", overrides=[o for o in job if o not in added.values()])
     for key, given in added.items():
         if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
             fail(_unknown_key(given, key, base))
-
-
-_ABSENT = object()
 
 
 def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
@@ -189,12 +197,7 @@ def preflight(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=job)
             except Exception as exc:
                 fail(_compose_error(exc, job, base))
-            added = {
-                o.lstrip("+").split("=")[0]: o
-                for o in job
-                if o.startswith("+") and o.lstrip("+").split("=")[0] not in options
-            }
-            _check_added_keys(job, added)
+            _check_added_keys(job, options)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
                 try:
