@@ -86,16 +86,7 @@ def _compose_error(exc: BaseException, overrides: list[str], base: DictConfig) -
     if match:
         key = match.group(1)
         given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), key)
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(base, parent) if parent else base
-        known = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, known, n=1)
-        hint = (
-            f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
-            if close
-            else (f"known keys: {', '.join(known)}")
-        )
-        return f"{given}: unknown key '{key}'; {hint}"
+        return _unknown_key(given, key, base)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
@@ -113,6 +104,67 @@ def _hydra_error(exc: BaseException) -> str:
     if "hydra/launcher/joblib" in text or "hydra/launcher/submitit" in text:
         line += ' (the launcher plugins: pip install "cifar-run[sweep]" or "cifar-run[slurm]")'
     return line
+
+
+def _unknown_key(given: str, key: str, base: DictConfig) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    known = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = (
+        f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+        if close
+        else (f"known keys: {', '.join(known)}")
+    )
+    return f"{given}: unknown key '{key}'; {hint}"
+
+
+_ABSENT = object()
+
+
+def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
+    """`+key=value` may only set keys the config has: an added key would be read by nothing.
+
+    (`+group=option` selects an option of a config group and is left alone.)
+    """
+    from hydra import compose
+
+    added = {
+        o.lstrip("+").split("=")[0]: o
+        for o in job
+        if o.startswith("+") and o.lstrip("+").split("=")[0] not in options
+    }
+    if not added:
+        return
+    base = compose(config_name="config", overrides=[o for o in job if o not in added.values()])
+    for key, given in added.items():
+        if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+            fail(_unknown_key(given, key, base))
+
+
+def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
+    """A single run's folder: with resume=true it must hold a checkpoint of this config;
+    without, it must not hold another run (run() checks both again).
+
+    Checked before Hydra starts, which would otherwise first rewrite the folder's .hydra/.
+    """
+    from hydra import compose
+    from omegaconf import open_dict
+
+    from cifar_run.checkpoint import open_for_resume, refuse_overwrite
+    from cifar_run.run import resolve_device
+
+    cfg = compose(config_name="config", overrides=job + hydra_overrides, return_hydra_config=True)
+    try:
+        run_dir = Path(cfg.hydra.run.dir)
+    except Exception:  # a folder named by values only a running job knows: run() checks it
+        return
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if cfg.resume:
+        open_for_resume(run_dir, cfg, resolve_device(cfg.device))
+    else:
+        refuse_overwrite(run_dir)
 
 
 def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
@@ -150,17 +202,18 @@ def preflight(argv: list[str]) -> None:
     except Exception as exc:  # the parser's message names the bad override
         fail(str(exc).strip().splitlines()[0])
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    _check_group_choices(task, groups())
+    hydra_overrides = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
+    options = groups()
+    _check_group_choices(task, options)
     sweeps = [o.input_line for o in task if o.is_sweep_override()]
     if sweeps and not multirun:
         fail(f"{sweeps[0]}: several values need multirun; add -m")
     jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
-    launcher = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose(config_name="config")
-        if launcher:  # hydra/launcher=..., hydra.sweep.dir=...: checked once, for every job
+        if hydra_overrides:  # hydra/launcher=..., hydra.sweep.dir=...: checked once for all jobs
             try:
-                compose(config_name="config", overrides=launcher, return_hydra_config=True)
+                compose(config_name="config", overrides=hydra_overrides, return_hydra_config=True)
             except Exception as exc:
                 fail(_hydra_error(exc))
         for job in jobs:
@@ -168,10 +221,13 @@ def preflight(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=job)
             except Exception as exc:
                 fail(_compose_error(exc, job, base))
+            _check_added_keys(job, options)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
                 try:
                     validate(cfg)
+                    if not cfg.dry_run:
+                        _check_run_folder(job, hydra_overrides)
                 except UserError as exc:
                     fail(str(exc))
 

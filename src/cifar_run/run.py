@@ -6,7 +6,6 @@ This is the one place that reads the config; the engine below it sees plain obje
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -17,15 +16,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_run import atomic, report
+from cifar_run import atomic, checkpoint, report
 from cifar_run.augment import build_augment, normalization
+from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import load_data
-from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.engine import NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
+from cifar_run.reproducibility import set_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,24 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     validate(cfg)
     if cfg.get("threads") is not None:  # parallel sweep jobs share the machine's cores
         torch.set_num_threads(cfg.threads)
+    set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
+    resume_from = None
+    if out_dir is not None and not cfg.dry_run:
+        if cfg.resume:
+            resume_from = checkpoint.open_for_resume(out_dir, cfg, device)
+            done = checkpoint.completed_results(out_dir)
+            if done is not None:
+                print(
+                    f"{out_dir}: already completed (test_acc {done.get('test_acc')}); "
+                    "nothing to do",
+                    flush=True,
+                )
+                return done
+        else:
+            checkpoint.refuse_overwrite(out_dir)
+    elif cfg.resume and not cfg.dry_run:
+        raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     params = count_parameters(model)
@@ -103,10 +122,15 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     results = base_results(cfg, params, device)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_from is None:  # a resumed run keeps the record of how it was started
+            atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
     try:
-        results.update(_train(cfg, model, optimizer, scheduler, interval, augment, device, out_dir))
+        results.update(
+            _train(
+                cfg, model, optimizer, scheduler, interval, augment, device, out_dir, resume_from
+            )
+        )
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -127,6 +151,7 @@ def _train(
     augment: Any,
     device: torch.device,
     out_dir: Path | None,
+    resume_from: checkpoint.Checkpoint | None = None,
 ) -> dict[str, Any]:
     data = cfg.data
     t_load = time.perf_counter()
@@ -159,20 +184,40 @@ def _train(
     step_scheduler = scheduler.step if scheduler is not None and interval == "step" else None
     has_val = len(splits.val) > 0
 
-    history: list[dict[str, Any]] = []
-    best_acc, best_epoch, best_state = -math.inf, 0, None
-    for epoch in range(1, cfg.epochs + 1):
+    # Every random stream an epoch draws from, saved and restored with the checkpoint.
+    generators = {
+        "order": train_batches.order_generator,
+        "augment": train_batches.augment_generator,
+    }
+    loop = LoopState()
+    if resume_from is not None:
+        loop = checkpoint.restore(
+            resume_from,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generators=generators,
+        )
+        log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
+        if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
+            report.write_metrics(out_dir, loop.history)
+            atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+    history = loop.history
+    for epoch in range(loop.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(
-            model,
-            train_batches,
-            optimizer,
-            criterion,
-            device=device,
-            step_scheduler=step_scheduler,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-        )
+        try:
+            train = train_one_epoch(
+                model,
+                train_batches,
+                optimizer,
+                criterion,
+                device=device,
+                step_scheduler=step_scheduler,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+            )
+        except NonFiniteLoss as exc:
+            raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
         val = evaluate(model, val_batches, eval_criterion, device=device)
         if scheduler is not None and interval == "epoch":
             scheduler.step()
@@ -198,16 +243,29 @@ def _train(
             row["seconds"],
         )
         # Without a validation split the last epoch counts as best (nothing else to select on).
-        if not has_val or val.acc > best_acc:
-            best_acc, best_epoch, best_state = val.acc, epoch, _cpu_state(model)
+        if not has_val or val.acc > loop.best_acc:
+            loop.best_acc, loop.best_epoch, loop.best_state = val.acc, epoch, _cpu_state(model)
             if out_dir is not None:
-                atomic.torch_save(best_state, out_dir / "checkpoints" / "best.pt")
+                atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+        loop.epoch = epoch
         if out_dir is not None:
             report.write_metrics(out_dir, history)
             atomic.torch_save(_cpu_state(model), out_dir / "checkpoints" / "last.pt")
+            # Last: the files above are redone on resume; this one says what is done.
+            checkpoint.save(
+                out_dir,
+                loop,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generators=generators,
+                cfg=cfg,
+                device=device,
+            )
 
+    best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
     test = evaluate(model, test_batches, eval_criterion, device=device)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
@@ -220,3 +278,18 @@ def _train(
         "train_seconds": sum(r["seconds"] for r in history),
         "final_train_acc": history[-1]["train_acc"],
     }
+
+
+def _diverged(
+    exc: NonFiniteLoss, epoch: int, steps: int, loop: LoopState, out_dir: Path | None
+) -> TrainingDiverged:
+    if out_dir is None:
+        kept = "no checkpoints are written without a run folder"
+    elif loop.epoch == 0:
+        kept = "no epoch finished, so there is no checkpoint"
+    else:
+        kept = f"the last good checkpoint ({checkpoint.STATE_FILE}) is from epoch {loop.epoch}"
+    return TrainingDiverged(
+        f"training diverged: loss {exc.loss} at epoch {epoch}, step {exc.step}/{steps} "
+        f"(lr {exc.lr:.4g}); {kept}; try a lower lr"
+    )
