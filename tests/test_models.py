@@ -170,6 +170,7 @@ def test_dry_run_prints_count_and_layer_table(tmp_path: Path):
 def test_impossible_cnn_on_the_command_line_is_one_line_before_data(tmp_path: Path):
     proc = run_cli(
         "model=cnn", "model.conv=[8,8,8,8,8,8]", "data=imagefolder", f"data.root={TEST_DATA}",
+        "data.val_size=0.1",
         "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=ONE_THREAD,
     )  # fmt: skip
     assert proc.returncode == 2
