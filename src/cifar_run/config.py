@@ -7,8 +7,10 @@ model construction, which also happens before any data is loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,177 @@ def check_data(data: DictConfig) -> None:
         )
 
 
+def _in_range(
+    key: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    allowed: str,
+    *,
+    open_lo: bool = False,
+    open_hi: bool = False,
+) -> float:
+    ok = _is_number(value) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
+    if not ok:
+        raise UserError(f"{key}={value}: must be {allowed}")
+    return float(value)
+
+
+def one_of(key: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise UserError(f"{key}={value}: unknown; allowed: {', '.join(choices)}")
+    return value
+
+
+def _pair(key: str, value: Any, lo: float, hi: float, allowed: str) -> None:
+    """A [min, max] range of numbers with lo < min <= max <= hi."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(_is_number(v) and math.isfinite(v) for v in value)
+        or not lo < value[0] <= value[1] <= hi
+    ):
+        raise UserError(f"{key}={value}: must be [min, max] with {allowed}")
+
+
+NORMALIZE = ("cifar", "half", "dataset")
+AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
+
+
+def check_augment(aug: DictConfig) -> None:
+    """The keys of the augment group that the chosen set has."""
+    one_of("augment.normalize", aug.normalize, NORMALIZE)
+    if "padding" in aug:
+        non_negative_int("augment.padding", aug.padding)
+    if "flip" in aug:
+        _in_range("augment.flip", aug.flip, 0, 1, "a probability in [0, 1]")
+    if "degrees" in aug:
+        _in_range("augment.degrees", aug.degrees, 0, 180, "an angle in [0, 180] degrees")
+    if "scale" in aug:
+        _pair("augment.scale", aug.scale, 0, 1, "0 < min <= max <= 1 (fractions of the area)")
+    if "ratio" in aug:
+        _pair("augment.ratio", aug.ratio, 0, float("inf"), "0 < min <= max (width / height)")
+    if "size" in aug and (not _is_int(aug.size) or not 1 <= aug.size <= 32):
+        raise UserError(f"augment.size={aug.size}: must be an integer in 1..32 (pixels)")
+    if "policy" in aug:
+        one_of("augment.policy", aug.policy, AUTOAUGMENT_POLICIES)
+    if "num_magnitude_bins" in aug and (
+        not _is_int(aug.num_magnitude_bins) or aug.num_magnitude_bins < 2
+    ):
+        raise UserError(
+            f"augment.num_magnitude_bins={aug.num_magnitude_bins}: must be an integer >= 2"
+        )
+
+
+def check_optim(optim: DictConfig) -> None:
+    """The keys of the optim group that the chosen optimizer has."""
+    _in_range(
+        "optim.label_smoothing", optim.get("label_smoothing", 0.0), 0, 1, "in [0, 1)", open_hi=True
+    )
+    if "momentum" in optim:
+        _in_range("optim.momentum", optim.momentum, 0, 1, "in [0, 1)", open_hi=True)
+    if "weight_decay" in optim:
+        _in_range("optim.weight_decay", optim.weight_decay, 0, float("inf"), "a number >= 0")
+    if "nesterov" in optim:
+        boolean("optim.nesterov", optim.nesterov)
+        if optim.nesterov and not optim.get("momentum", 0) > 0:
+            raise UserError(
+                f"optim.nesterov=true: needs optim.momentum > 0 (got {optim.get('momentum')})"
+            )
+    if "betas" in optim:
+        betas = optim.betas
+        if (
+            isinstance(betas, str)
+            or not isinstance(betas, Sequence)
+            or len(betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            raise UserError(f"optim.betas={betas}: must be [beta1, beta2], each in [0, 1)")
+
+
+def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
+    """The keys of the sched group that the chosen schedule has, against the run length."""
+    interval = one_of("sched.interval", sched.get("interval", "epoch"), ("epoch", "step"))
+    warmup = non_negative_int("sched.warmup_epochs", sched.get("warmup_epochs", 0))
+    if warmup >= epochs:
+        raise UserError(
+            f"sched.warmup_epochs={warmup}: must be less than epochs={epochs} "
+            "(warmup is part of the run)"
+        )
+    if "warmup_start_factor" in sched:
+        _in_range(
+            "sched.warmup_start_factor", sched.warmup_start_factor, 0, 1, "in (0, 1]", open_lo=True
+        )
+    main_epochs = epochs - warmup
+    if "step_size" in sched:
+        positive_int("sched.step_size", sched.step_size)
+    if "milestones" in sched:
+        ms = sched.milestones
+        if (
+            isinstance(ms, str)
+            or not isinstance(ms, Sequence)
+            or not all(_is_int(m) and 1 <= m <= main_epochs for m in ms)
+        ):
+            raise UserError(
+                f"sched.milestones={ms}: must be a list of epochs in 1..{main_epochs} "
+                f"(epochs={epochs} minus warmup_epochs={warmup}; counted after warmup)"
+            )
+    if ("step_size" in sched or "milestones" in sched) and interval != "epoch":
+        raise UserError(f"sched.interval={interval}: {sched.name} counts epochs; allowed: epoch")
+    if "gamma" in sched:
+        positive_number("sched.gamma", sched.gamma)
+    for key in ("T_max", "total_steps"):
+        if key in sched and sched[key] is not None:
+            positive_int(f"sched.{key}", sched[key])
+    for key in ("eta_min", "min_lr", "threshold"):
+        if key in sched:
+            _in_range(f"sched.{key}", sched[key], 0, float("inf"), "a number >= 0")
+    if "max_lr" in sched:
+        positive_number("sched.max_lr", sched.max_lr)
+    if "pct_start" in sched:
+        _in_range("sched.pct_start", sched.pct_start, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
+    for key in ("div_factor", "final_div_factor"):
+        if key in sched:
+            positive_number(f"sched.{key}", sched[key])
+    if "anneal_strategy" in sched:
+        one_of("sched.anneal_strategy", sched.anneal_strategy, ("cos", "linear"))
+    if "cycle_momentum" in sched:
+        boolean("sched.cycle_momentum", sched.cycle_momentum)
+    if "base_momentum" in sched:
+        _in_range("sched.base_momentum", sched.base_momentum, 0, 1, "in [0, 1)", open_hi=True)
+    if "max_momentum" in sched:
+        low = sched.get("base_momentum", 0)
+        _in_range(
+            "sched.max_momentum",
+            sched.max_momentum,
+            low,
+            1,
+            f"in [base_momentum={low}, 1)",
+            open_hi=True,
+        )
+    if "monitor" in sched:
+        one_of("sched.monitor", sched.monitor, ("val_acc", "val_loss"))
+        if interval != "epoch":
+            raise UserError(
+                f"sched.interval={interval}: plateau steps after validation; allowed: epoch"
+            )
+        if not has_val:
+            raise UserError(
+                f"sched={sched.name}: needs a validation split to monitor {sched.monitor}; "
+                "data.val_size=0"
+            )
+    if "factor" in sched:
+        _in_range("sched.factor", sched.factor, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
+    for key in ("patience", "cooldown"):
+        if key in sched:
+            non_negative_int(f"sched.{key}", sched[key])
+    if "threshold_mode" in sched:
+        one_of("sched.threshold_mode", sched.threshold_mode, ("rel", "abs"))
+
+
 def check_structure(cfg: DictConfig) -> None:
     """Every required key is there, has a value (not `???`) and resolves."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -191,6 +364,7 @@ def check_top_level(cfg: DictConfig) -> None:
     boolean("dry_run", cfg.dry_run)
     boolean("resume", cfg.resume)
     boolean("deterministic", cfg.deterministic)
+    boolean("preview", cfg.preview)
     if not _is_number(cfg.prune) or cfg.prune != 0:
         raise UserError(f"prune={cfg.prune}: pruning is not implemented yet; allowed: 0")
 
@@ -200,3 +374,6 @@ def validate(cfg: DictConfig) -> None:
     check_structure(cfg)
     check_top_level(cfg)
     check_data(cfg.data)
+    check_augment(cfg.augment)
+    check_optim(cfg.optim)
+    check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)

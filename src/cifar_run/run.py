@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run import atomic, checkpoint, report
-from cifar_run.augment import build_augment, normalization
+from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
-from cifar_run.data import load_data
+from cifar_run.data import Splits, load_data
 from cifar_run.engine import NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
@@ -32,6 +32,7 @@ from cifar_run.reproducibility import set_deterministic
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients, so a large batch is cheap and fast
+PREVIEW_IMAGES = 8  # rows of augment_preview.png
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,12 +113,13 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     model = build_model(cfg.model).to(device)
     params = count_parameters(model)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
-    scheduler, interval = build_scheduler(cfg.sched, optimizer)
     augment = build_augment(cfg.augment)
     if cfg.dry_run:
         print(_summary(cfg, model, params, device), flush=True)
         print(f"layers:\n{layer_summary(model)}", flush=True)
         return {"status": "dry_run", "params": params}
+    if cfg.preview:
+        return _preview(cfg, augment, out_dir)
 
     results = base_results(cfg, params, device)
     if out_dir is not None:
@@ -126,11 +128,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
     try:
-        results.update(
-            _train(
-                cfg, model, optimizer, scheduler, interval, augment, device, out_dir, resume_from
-            )
-        )
+        results.update(_train(cfg, model, optimizer, augment, device, out_dir, resume_from))
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -142,17 +140,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     return results
 
 
-def _train(
-    cfg: DictConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    interval: str,
-    augment: Any,
-    device: torch.device,
-    out_dir: Path | None,
-    resume_from: checkpoint.Checkpoint | None = None,
-) -> dict[str, Any]:
+def _load(cfg: DictConfig) -> Splits:
     data = cfg.data
     t_load = time.perf_counter()
     splits = load_data(
@@ -171,6 +159,32 @@ def _train(
         len(splits.test),
         time.perf_counter() - t_load,
     )
+    return splits
+
+
+def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, Any]:
+    """Write augment_preview.png: training images spread over the split, each with a few
+    augmented draws (before normalization), from the run's augmentation seed."""
+    images = _load(cfg).train.images
+    pick = torch.linspace(0, len(images) - 1, min(PREVIEW_IMAGES, len(images))).long()
+    png = preview_png(images[pick], augment, torch.Generator().manual_seed(cfg.seed + 1))
+    if out_dir is not None:
+        path = Path(out_dir) / "augment_preview.png"
+        atomic.write_bytes(path, png)
+        print(f"augment preview: {path}", flush=True)
+    return {"status": "preview"}
+
+
+def _train(
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    augment: Any,
+    device: torch.device,
+    out_dir: Path | None,
+    resume_from: checkpoint.Checkpoint | None = None,
+) -> dict[str, Any]:
+    splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": device, "mean": mean, "std": std}
     train_batches = DeviceLoader(
@@ -181,7 +195,9 @@ def _train(
 
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     eval_criterion = nn.CrossEntropyLoss()
-    step_scheduler = scheduler.step if scheduler is not None and interval == "step" else None
+    schedule = build_scheduler(
+        cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=len(train_batches)
+    )
     has_val = len(splits.val) > 0
 
     # Every random stream an epoch draws from, saved and restored with the checkpoint.
@@ -195,7 +211,7 @@ def _train(
             resume_from,
             model=model,
             optimizer=optimizer,
-            scheduler=scheduler,
+            scheduler=schedule,
             generators=generators,
         )
         log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
@@ -213,14 +229,13 @@ def _train(
                 optimizer,
                 criterion,
                 device=device,
-                step_scheduler=step_scheduler,
+                step_scheduler=schedule.step_batch,
                 desc=f"epoch {epoch}/{cfg.epochs}",
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
         val = evaluate(model, val_batches, eval_criterion, device=device)
-        if scheduler is not None and interval == "epoch":
-            scheduler.step()
+        schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
             "train_loss": train.loss,
@@ -257,7 +272,7 @@ def _train(
                 loop,
                 model=model,
                 optimizer=optimizer,
-                scheduler=scheduler,
+                scheduler=schedule,
                 generators=generators,
                 cfg=cfg,
                 device=device,
