@@ -293,7 +293,7 @@ def test_checkpoint_holds_only_what_weights_only_loads(tmp_path: Path) -> None:
     cfg = compose_cfg(TINY)
     model = LeNet5()
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
-    scheduler, _ = build_scheduler(cfg.sched, optimizer)
+    scheduler = build_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=2)
     train_one_epoch(
         model,
         [(torch.randn(4, 3, 32, 32), torch.arange(4))] * 2,
@@ -301,7 +301,7 @@ def test_checkpoint_holds_only_what_weights_only_loads(tmp_path: Path) -> None:
         nn.CrossEntropyLoss(),
         device=torch.device("cpu"),
     )
-    scheduler.step()
+    scheduler.step_epoch({"val_loss": 2.0, "val_acc": 12.5})
     loop = checkpoint.LoopState(epoch=1, history=[{"epoch": 1, "val_acc": 12.5}], best_epoch=1)
     gen = {"order": torch.Generator().manual_seed(1)}
     device = torch.device("cpu")
@@ -312,7 +312,7 @@ def test_checkpoint_holds_only_what_weights_only_loads(tmp_path: Path) -> None:
     assert ckpt.data["config_hash"] == checkpoint.config_hash(cfg)
     fresh = LeNet5()
     optimizer2 = build_optimizer(cfg.optim, fresh.parameters(), cfg.lr)
-    scheduler2, _ = build_scheduler(cfg.sched, optimizer2)
+    scheduler2 = build_scheduler(cfg.sched, optimizer2, epochs=cfg.epochs, steps_per_epoch=2)
     restored = checkpoint.restore(
         ckpt,
         model=fresh,
@@ -370,7 +370,7 @@ def test_every_optimizer_and_schedule_state_loads_with_weights_only(
     cfg = compose_cfg([*TINY, f"optim={optim}", f"sched={sched}"])
     model = LeNet5()
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
-    scheduler, _ = build_scheduler(cfg.sched, optimizer)
+    scheduler = build_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=1)
     batch = (torch.randn(4, 3, 32, 32), torch.arange(4))
     train_one_epoch(model, [batch], optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"))
     loop = checkpoint.LoopState(epoch=1, best_epoch=1)
