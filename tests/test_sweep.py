@@ -279,3 +279,13 @@ def test_config_names_job_folders_and_registers_the_summary_callback() -> None:
     assert "data.root" in hydra.job.config.override_dirname.exclude_keys
     assert hydra.callbacks.summary._target_ == "cifar_run.callbacks.SweepSummary"
     assert cfg.threads is None
+
+
+def test_run_job_resumes_an_interrupted_job_from_its_checkpoint(tmp_path: Path) -> None:
+    seen = []
+    (tmp_path / "results.json").write_text(json.dumps({"status": "running"}))
+    sweep.run_job(job_cfg(resume=False), tmp_path, 0, lambda c, o: seen.append(c.resume))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "state.pt").write_bytes(b"an epoch's state")
+    sweep.run_job(job_cfg(resume=False), tmp_path, 0, lambda c, o: seen.append(c.resume))
+    assert seen == [False, True]  # no checkpoint: a fresh start; a checkpoint: resume it

@@ -78,6 +78,7 @@ def run_job(
 
     KeyboardInterrupt still stops the whole sweep (run() marks the job failed on its way out).
     """
+    from cifar_run import checkpoint
     from cifar_run.errors import UserError
 
     name = Path(out_dir).name
@@ -90,6 +91,12 @@ def run_job(
     if device != cfg.device:
         with open_dict(cfg):
             cfg.device = device
+    if checkpoint.state_path(out_dir).exists() and not (cfg.resume or cfg.dry_run):
+        # An interrupted job continues from its last finished epoch instead of starting over
+        # (run() still refuses if the job's config has changed since).
+        log.info("resuming interrupted job %s from its checkpoint", name)
+        with open_dict(cfg):
+            cfg.resume = True
     results_file = Path(out_dir) / RESULTS_FILE
     before = results_file.stat().st_mtime_ns if results_file.exists() else None
     try:
