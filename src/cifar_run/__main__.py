@@ -1,0 +1,3 @@
+from cifar_run.cli import main
+
+main()

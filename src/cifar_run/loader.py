@@ -1,0 +1,73 @@
+"""Batches gathered by index from uint8 tensors that live on the training device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from cifar_run.augment import Augment
+from cifar_run.data import ArraySplit
+
+
+class DeviceLoader:
+    """Iterate (normalized float images, labels) batches without DataLoader workers.
+
+    The images are copied to `device` once as uint8 (CIFAR-10 train is 150 MB), and each
+    batch is indexed, augmented and normalized there. The order is `torch.randperm` from a
+    CPU generator, the same permutation `RandomSampler(generator=...)` draws.
+    """
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        batch_size: int,
+        *,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: Augment | None = None,
+    ) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.augment = augment
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        # Folding 1/255 into the normalization saves a pass over every batch.
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(
+            1, -1, 1, 1
+        )
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def indices(self) -> torch.Tensor:
+        """This epoch's order; advances the order generator when shuffling."""
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n)
+        order = torch.randperm(n, generator=self.order_generator)
+        # RandomSampler draws a second, empty-sliced permutation every epoch
+        # (`randperm(n)[: num_samples % n]`); drawing it too keeps the two streams in step,
+        # so a seed gives the same order as DataLoader(shuffle=True, generator=...).
+        torch.randperm(n, generator=self.order_generator)
+        return order
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices().to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None:
+                x = self.augment(x, self.augment_generator)
+            yield x.float() * self.scale + self.shift, self.labels[idx]

@@ -1,0 +1,115 @@
+"""Run-folder outputs: metrics.csv, results.{json,csv,md}, loss.png and accuracy.png.
+
+Every file is written atomically, so a killed run never leaves half a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cifar_run import atomic
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+# The one-row results table of a run (accuracies in percent). Later stages add columns.
+RESULT_COLUMNS = (
+    "model",
+    "params",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "seed",
+    "device",
+    "best_val_acc",
+    "best_epoch",
+    "test_acc",
+    "train_seconds",
+)
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _cell(value: Any, column: str) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        # Accuracies and durations read best rounded; hyperparameters must stay exact.
+        if column.endswith(("_acc", "seconds", "loss")):
+            return f"{value:.2f}"
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table; floats with two decimals."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """metrics.csv: one row per epoch (rewritten whole after each epoch)."""
+    atomic.write_text(out_dir / "metrics.csv", _csv_text(rows, METRIC_COLUMNS))
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """RESULT_COLUMNS first, then any extra columns the rows carry, in first-seen order."""
+    columns = list(RESULT_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+def write_status(out_dir: Path, results: Mapping[str, Any]) -> None:
+    """results.json alone: while a run is `running`, or once it has `failed`."""
+    atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+
+
+def write_results(
+    out_dir: Path, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None
+) -> None:
+    """results.json (everything) and results.csv / results.md (the table rows)."""
+    write_status(out_dir, results)
+    if rows is None:
+        rows = [{c: results.get(c) for c in RESULT_COLUMNS}]
+    columns = table_columns(rows)
+    atomic.write_text(out_dir / "results.csv", _csv_text(rows, columns))
+    atomic.write_text(out_dir / "results.md", markdown_table(rows, columns))
+
+
+def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
+    """loss.png and accuracy.png: train and validation curves per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    for metric, ylabel, name in (
+        ("loss", "cross-entropy loss", "loss"),
+        ("acc", "accuracy (%)", "accuracy"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], marker="o", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} {name}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend()
+        atomic.save_figure(fig, out_dir / f"{name}.png")
+        plt.close(fig)

@@ -1,0 +1,217 @@
+"""run(cfg) -> results: build data, model and optimizer, train, test once, write the run folder.
+
+This is the one place that reads the config; the engine below it sees plain objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cifar_run import atomic, report
+from cifar_run.augment import build_augment, normalization
+from cifar_run.config import validate
+from cifar_run.data import load_data
+from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.loader import DeviceLoader
+from cifar_run.models import build_model, count_parameters
+from cifar_run.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 1000  # evaluation has no gradients, so a large batch is cheap and fast
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.device) -> str:
+    lines = [
+        f"model: {cfg.model.name} ({type(model).__name__})",
+        f"parameters: {params}",
+        f"data: {cfg.data.name} (root {cfg.data.root}, val_size {cfg.data.val_size}, "
+        f"subset {cfg.data.subset})",
+        f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize})",
+        f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}",
+        f"sched: {cfg.sched.name}",
+        f"device: {device}, seed {cfg.seed}",
+    ]
+    return "\n".join(lines)
+
+
+def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str, Any]:
+    """The config half of results.json: what was run."""
+    return {
+        "model": cfg.model.name,
+        "params": params,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.seed,
+        "device": str(device),
+        "augment": cfg.augment.name,
+        "sched": cfg.sched.name,
+        "data": cfg.data.name,
+        "val_size": cfg.data.val_size,
+        "subset": cfg.data.subset,
+    }
+
+
+def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
+    """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    params = count_parameters(model)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    scheduler, interval = build_scheduler(cfg.sched, optimizer)
+    augment = build_augment(cfg.augment)
+    if cfg.dry_run:
+        print(_summary(cfg, model, params, device), flush=True)
+        return {"status": "dry_run", "params": params}
+
+    results = base_results(cfg, params, device)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        report.write_status(out_dir, {**results, "status": "running"})
+    try:
+        results.update(_train(cfg, model, optimizer, scheduler, interval, augment, device, out_dir))
+    except BaseException as exc:
+        if out_dir is not None:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            report.write_status(out_dir, {**results, "status": "failed", "error": message})
+        raise
+    results["status"] = "completed"
+    if out_dir is not None:
+        report.write_results(out_dir, results)
+    return results
+
+
+def _train(
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    interval: str,
+    augment: Any,
+    device: torch.device,
+    out_dir: Path | None,
+) -> dict[str, Any]:
+    data = cfg.data
+    t_load = time.perf_counter()
+    splits = load_data(
+        data.name,
+        data.root,
+        val_size=data.val_size,
+        subset=data.subset,
+        split_seed=data.split_seed,
+        cache_dir=data.cache_dir,
+        download=data.download,
+    )
+    log.info(
+        "data: %d train / %d val / %d test images (%.1f s)",
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        time.perf_counter() - t_load,
+    )
+    mean, std = normalization(cfg.augment.normalize, splits.train.images)
+    norm = {"device": device, "mean": mean, "std": std}
+    train_batches = DeviceLoader(
+        splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **norm
+    )
+    val_batches = DeviceLoader(splits.val, EVAL_BATCH_SIZE, **norm)
+    test_batches = DeviceLoader(splits.test, EVAL_BATCH_SIZE, **norm)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
+    eval_criterion = nn.CrossEntropyLoss()
+    step_scheduler = scheduler.step if scheduler is not None and interval == "step" else None
+    has_val = len(splits.val) > 0
+
+    history: list[dict[str, Any]] = []
+    best_acc, best_epoch, best_state = -math.inf, 0, None
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(
+            model,
+            train_batches,
+            optimizer,
+            criterion,
+            device=device,
+            step_scheduler=step_scheduler,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+        )
+        val = evaluate(model, val_batches, eval_criterion, device=device)
+        if scheduler is not None and interval == "epoch":
+            scheduler.step()
+        row = {
+            "epoch": epoch,
+            "train_loss": train.loss,
+            "train_acc": train.acc,
+            "val_loss": val.loss,
+            "val_acc": val.acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.2f  val loss %.4f acc %.2f  lr %.4g  %.1f s",
+            epoch,
+            cfg.epochs,
+            train.loss,
+            train.acc,
+            val.loss,
+            val.acc,
+            lr,
+            row["seconds"],
+        )
+        # Without a validation split the last epoch counts as best (nothing else to select on).
+        if not has_val or val.acc > best_acc:
+            best_acc, best_epoch, best_state = val.acc, epoch, _cpu_state(model)
+            if out_dir is not None:
+                atomic.torch_save(best_state, out_dir / "checkpoints" / "best.pt")
+        if out_dir is not None:
+            report.write_metrics(out_dir, history)
+            atomic.torch_save(_cpu_state(model), out_dir / "checkpoints" / "last.pt")
+
+    # The test set is evaluated once, with the weights chosen on validation.
+    model.load_state_dict(best_state)
+    test = evaluate(model, test_batches, eval_criterion, device=device)
+    log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
+    if out_dir is not None:
+        report.plot_curves(out_dir, history, title=str(cfg.model.name))
+    return {
+        "best_val_acc": best_acc,
+        "best_epoch": best_epoch,
+        "test_acc": test.acc,
+        "test_loss": test.loss,
+        "train_seconds": sum(r["seconds"] for r in history),
+        "final_train_acc": history[-1]["train_acc"],
+    }

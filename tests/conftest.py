@@ -1,0 +1,63 @@
+"""Shared helpers: the committed image subset, in-process config composition, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / "tests" / "data"  # 30 train + 20 test JPEGs per class from the real CIFAR-10
+
+# A run over the committed subset: 10 images per class, 10% held out, one quick epoch.
+TINY = [
+    "data=imagefolder",
+    f"data.root={TEST_DATA}",
+    "data.subset=10",
+    "data.val_size=0.1",
+    "epochs=1",
+    "batch_size=32",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decode cache per test session, away from the user's ~/.cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIFAR_RUN_CACHE", str(cache_dir))
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    """The config `cifar-run` would build from these overrides (no Hydra run, no files)."""
+    from cifar_run.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`cifar-run ARGS` in a subprocess, exactly as a user types it."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "src"), full_env.get("PYTHONPATH")])
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_run", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

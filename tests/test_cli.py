@@ -1,0 +1,127 @@
+"""The real command line, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_run.models.lenet import LeNet5
+
+from .conftest import TINY, run_cli
+
+
+def test_dry_run_prints_the_parameter_count(tmp_path: Path) -> None:
+    proc = run_cli("model=lenet5", "dry_run=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^parameters: 62006$", proc.stdout, re.M)
+    assert not (tmp_path / "outputs" / "runs").exists() or not list(
+        (tmp_path / "outputs" / "runs").rglob("results.json")
+    )
+
+
+def test_tiny_run_writes_every_file_of_the_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in (
+        "metrics.csv",
+        "results.json",
+        "results.csv",
+        "results.md",
+        "loss.png",
+        "accuracy.png",
+        "config.yaml",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    for key in (
+        "model",
+        "params",
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "seed",
+        "device",
+        "best_val_acc",
+        "best_epoch",
+        "test_acc",
+        "train_seconds",
+    ):
+        assert key in results, key
+    assert results["params"] == 62006 and results["epochs"] == 2 and results["device"] == "cpu"
+    assert 0 <= results["test_acc"] <= 100 and results["best_epoch"] in (1, 2)
+
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds" and len(lines) == 3
+    header = (run_dir / "results.md").read_text().splitlines()[0]
+    assert "| model | params |" in header and "test_acc" in header
+    assert (run_dir / "results.csv").read_text().count("\n") == 2
+
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        LeNet5().load_state_dict(state)  # strict: a plain state dict of the model
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "batch_size: 32" in resolved and "${" not in resolved
+
+
+def test_default_run_folders_are_unique(tmp_path: Path) -> None:
+    for _ in range(2):
+        assert run_cli(*TINY, "data.subset=2", cwd=tmp_path).returncode == 0
+    runs = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+
+
+BAD_INPUTS = [
+    ("model=nope", "model=nope"),
+    ("batch_size=0", "batch_size=0"),
+    ("batch_size=-3", "batch_size=-3"),
+    ("batch_size=abc", "batch_size=abc"),
+    ("lr=0", "lr=0"),
+    ("lr=-1", "lr=-1"),
+    ("epochs=0", "epochs=0"),
+    ("device=tpu", "device=tpu"),
+    ("data.root=/does/not/exist", "data.root=/does/not/exist"),
+    ("data.val_size=60000", "data.val_size=60000"),
+    ("data.subset=0", "data.subset=0"),
+    ("optim=nope", "optim=nope"),
+    ("sched=nope", "sched=nope"),
+    ("augment=nope", "augment=nope"),
+    ("seed=-1", "seed=-1"),
+    ("bach_size=64", "bach_size"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append(("device=cuda", "device=cuda"))
+
+
+@pytest.mark.parametrize(("override", "named"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path: Path, override: str, named: str) -> None:
+    proc = run_cli(*TINY, override, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert named in lines[0] and "Traceback" not in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("results.csv"))  # nothing claims success
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path: Path) -> None:
+    proc = run_cli("model=nope", cwd=tmp_path)
+    assert "lenet5" in proc.stderr and proc.returncode == 2
+
+
+def test_misspelt_key_suggests_the_right_one(tmp_path: Path) -> None:
+    proc = run_cli("bach_size=64", cwd=tmp_path)
+    assert "did you mean batch_size?" in proc.stderr
+
+
+def test_list_of_values_without_multirun_is_refused(tmp_path: Path) -> None:
+    proc = run_cli("lr=0.1,0.2", cwd=tmp_path)
+    assert proc.returncode == 2 and "-m" in proc.stderr
