@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cifar_run.errors import UserError
+from cifar_run.pruning_config import PruningSettings, validate_pruning
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -95,6 +96,27 @@ def validate(cfg: DictConfig) -> None:
     non_negative_int("seed", cfg.seed)
     boolean("dry_run", cfg.dry_run)
     check_device(cfg.device)
-    if not _is_number(cfg.prune) or cfg.prune != 0:
-        raise UserError(f"prune={cfg.prune}: pruning is not implemented yet; allowed: 0")
+    check_pruning(cfg)
     check_data(cfg.data)
+
+
+def check_pruning(cfg: DictConfig) -> PruningSettings:
+    """`prune` and the `pruning` group; with a pruning stage, the layer selection too.
+
+    The selection is checked on a model built on the meta device (no memory, no init work),
+    so an empty one fails here, before any data loads.
+    """
+    settings = validate_pruning(cfg.prune, cfg.get("pruning"))
+    if settings.enabled or settings.curve:
+        import torch
+
+        from cifar_run.models import build_model
+        from cifar_run.pruning import prunable_parameters
+
+        try:
+            with torch.device("meta"):
+                model = build_model(cfg.model)
+        except Exception:  # a broken model config is reported where the run builds it
+            return settings
+        prunable_parameters(model, settings.include_classifier)
+    return settings
