@@ -97,6 +97,9 @@ BAD_INPUTS = [
     ("augment=nope", "augment=nope"),
     ("seed=-1", "seed=-1"),
     ("bach_size=64", "bach_size"),
+    ("prune=1.5", "prune=1.5"),
+    ("prune=-0.1", "prune=-0.1"),
+    ("resume=true", "resume=true"),  # a new run folder holds no checkpoint
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("device=cuda", "device=cuda"))

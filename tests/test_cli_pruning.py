@@ -163,14 +163,13 @@ def test_bad_pruning_input_is_one_line_and_exit_status_2(
 
 
 def test_empty_layer_selection_fails_before_data_loads(tmp_path: Path) -> None:
-    # A model whose only Conv2d/Linear layer is the classifier, left dense.
+    # A CNN without conv or hidden FC layers: its only Linear is the classifier, left dense.
     proc = run_cli(
         *TINY,
         "prune=0.5",
-        "model._target_=torch.nn.Linear",
-        "~model.num_classes",
-        "+model.in_features=3072",
-        "+model.out_features=10",
+        "model=cnn",
+        "model.conv=[]",
+        "model.fc=[]",
         "pruning.include_classifier=false",
         cwd=tmp_path,
     )

@@ -15,8 +15,10 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_run import sweep
 from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -31,6 +33,7 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
+sweep.register_resolvers()  # hydra.sweep.subdir names job folders with it
 
 # Hydra flags that print or do something other than a run: leave them to Hydra untouched.
 _HYDRA_ONLY_FLAGS = {
@@ -83,17 +86,85 @@ def _compose_error(exc: BaseException, overrides: list[str], base: DictConfig) -
     if match:
         key = match.group(1)
         given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), key)
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(base, parent) if parent else base
-        known = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, known, n=1)
-        hint = (
-            f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
-            if close
-            else (f"known keys: {', '.join(known)}")
-        )
-        return f"{given}: unknown key '{key}'; {hint}"
+        return _unknown_key(given, key, base)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _hydra_error(exc: BaseException) -> str:
+    """One line for a bad hydra/... override: Hydra's first line, its reason, its options."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""
+    if cause and cause != "None":
+        line += f" ({cause.splitlines()[0]})"  # e.g. Key 'n_jobs' not in 'BasicLauncherConf'
+    listed = text.partition("Available options in")[2].partition("Config search path")[0]
+    options = [o.strip() for o in listed.splitlines()[1:] if o.strip()]
+    if options:
+        line += f"; choose one of: {', '.join(options)}"
+    if "hydra/launcher/joblib" in text or "hydra/launcher/submitit" in text:
+        line += ' (the launcher plugins: pip install "cifar-run[sweep]" or "cifar-run[slurm]")'
+    return line
+
+
+def _unknown_key(given: str, key: str, base: DictConfig) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    known = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = (
+        f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+        if close
+        else (f"known keys: {', '.join(known)}")
+    )
+    return f"{given}: unknown key '{key}'; {hint}"
+
+
+_ABSENT = object()
+
+
+def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
+    """`+key=value` may only set keys the config has: an added key would be read by nothing.
+
+    (`+group=option` selects an option of a config group and is left alone.)
+    """
+    from hydra import compose
+
+    added = {
+        o.lstrip("+").split("=")[0]: o
+        for o in job
+        if o.startswith("+") and o.lstrip("+").split("=")[0] not in options
+    }
+    if not added:
+        return
+    base = compose(config_name="config", overrides=[o for o in job if o not in added.values()])
+    for key, given in added.items():
+        if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+            fail(_unknown_key(given, key, base))
+
+
+def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
+    """A single run's folder: with resume=true it must hold a checkpoint of this config;
+    without, it must not hold another run (run() checks both again).
+
+    Checked before Hydra starts, which would otherwise first rewrite the folder's .hydra/.
+    """
+    from hydra import compose
+    from omegaconf import open_dict
+
+    from cifar_run.checkpoint import open_for_resume, refuse_overwrite
+    from cifar_run.run import resolve_device
+
+    cfg = compose(config_name="config", overrides=job + hydra_overrides, return_hydra_config=True)
+    try:
+        run_dir = Path(cfg.hydra.run.dir)
+    except Exception:  # a folder named by values only a running job knows: run() checks it
+        return
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if cfg.resume:
+        open_for_resume(run_dir, cfg, resolve_device(cfg.device))
+    else:
+        refuse_overwrite(run_dir)
 
 
 def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
@@ -131,22 +202,32 @@ def preflight(argv: list[str]) -> None:
     except Exception as exc:  # the parser's message names the bad override
         fail(str(exc).strip().splitlines()[0])
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    _check_group_choices(task, groups())
+    hydra_overrides = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
+    options = groups()
+    _check_group_choices(task, options)
     sweeps = [o.input_line for o in task if o.is_sweep_override()]
     if sweeps and not multirun:
         fail(f"{sweeps[0]}: several values need multirun; add -m")
     jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose(config_name="config")
+        if hydra_overrides:  # hydra/launcher=..., hydra.sweep.dir=...: checked once for all jobs
+            try:
+                compose(config_name="config", overrides=hydra_overrides, return_hydra_config=True)
+            except Exception as exc:
+                fail(_hydra_error(exc))
         for job in jobs:
             try:
                 cfg = compose(config_name="config", overrides=job)
             except Exception as exc:
                 fail(_compose_error(exc, job, base))
+            _check_added_keys(job, options)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
                 try:
                     validate(cfg)
+                    if not cfg.dry_run:
+                        _check_run_folder(job, hydra_overrides)
                 except UserError as exc:
                     fail(str(exc))
 
@@ -155,7 +236,13 @@ def preflight(argv: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from cifar_run.run import run
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # A failing job must not stop the sweep: it is recorded, and the summary callback
+        # (cifar_run.callbacks) reports it and sets the exit status once every job has run.
+        sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
+        return
     try:
         run(cfg, None if cfg.dry_run else out_dir)
     except UserError as exc:
@@ -168,10 +255,47 @@ def main() -> None:
     _hydra_main()
 
 
-def report_main() -> None:
-    """Entry point of `cifar-report` (sweep tables and plots; see the sweeps issue)."""
-    print(
-        "cifar-report: not implemented yet; each run folder already holds results.md",
-        file=sys.stderr,
+def report_main(argv: list[str] | None = None) -> None:
+    """Entry point of `cifar-report`: the sweep summary of any run or sweep folders."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cifar-report",
+        description="Tabulate and plot run folders: prints the Markdown table and writes "
+        "summary.csv, summary.md, summary.png (and summary_seeds.* when seed varies).",
     )
-    raise SystemExit(1)
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="run or sweep folders (or parents)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where the summary files go (default: into PATH when one is given; with "
+        "several PATHs, only the table is printed unless --out is given)",
+    )
+    args = parser.parse_args(argv)
+
+    from cifar_run.summary import NoRunsError, load_runs, summarize, write_summary
+
+    try:
+        runs = load_runs(args.paths)
+    except NoRunsError as exc:
+        fail(str(exc), prog="cifar-report")
+    summary = summarize(runs)
+    print(summary.markdown(), end="", flush=True)
+    seeds = summary.seeds_markdown()
+    if seeds is not None:
+        print(f"\nMean and standard deviation over seeds:\n\n{seeds}", end="", flush=True)
+    out = args.out or (args.paths[0] if len(args.paths) == 1 else None)
+    if out is None:
+        print(
+            "cifar-report: several folders given; pass --out DIR to write the summary files",
+            file=sys.stderr,
+        )
+        return
+    try:
+        written = write_summary(summary, out)
+    except OSError as exc:
+        fail(f"--out {out}: cannot write there ({exc.strerror or exc})", prog="cifar-report")
+    print(f"cifar-report: wrote {', '.join(p.name for p in written)} to {out}", file=sys.stderr)

@@ -12,6 +12,20 @@ from tqdm import tqdm
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
+# Steps between looks at the loss for NaN/inf. A look is one host synchronisation; checking
+# every step would stall a GPU pipeline each batch. The losses since the last look are kept on
+# the device, so the first bad step is still named exactly; up to CHECK_EVERY - 1 further steps
+# then run on diverged weights, which are thrown away (nothing of that epoch is saved).
+CHECK_EVERY = 50
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss was NaN or infinite at `step` (1-based, within the epoch)."""
+
+    def __init__(self, step: int, loss: float, lr: float) -> None:
+        super().__init__(f"loss is {loss} at step {step} (lr {lr:.4g})")
+        self.step, self.loss, self.lr = step, loss, lr
+
 
 @dataclass
 class EpochStats:
@@ -42,15 +56,22 @@ def train_one_epoch(
     device: torch.device,
     step_scheduler: Callable[[], None] | None = None,
     desc: str = "train",
+    check_every: int = CHECK_EVERY,
 ) -> EpochStats:
-    """Train for one pass over `batches`; `step_scheduler` is called after every step."""
+    """Train for one pass over `batches`; `step_scheduler` is called after every step.
+
+    Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
+    `check_every - 1` steps after it.
+    """
     model.train()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     total = len(batches) if isinstance(batches, Sized) else None
+    recent = _RecentLosses(check_every, device)
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
+        lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
         out = model(x)
         loss = criterion(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -61,7 +82,36 @@ def train_one_epoch(
         loss_sum += loss.detach() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         n += y.shape[0]
+        recent.add(loss, lr)
+    recent.check()
     return _stats(loss_sum, correct, n, t0)
+
+
+class _RecentLosses:
+    """The last few step losses, on the device, looked at every `every` steps."""
+
+    def __init__(self, every: int, device: torch.device) -> None:
+        self.every = max(1, every)
+        self.losses = torch.zeros(self.every, device=device)
+        self.lrs: list[float] = []  # learning rate of each step since the last look
+        self.first_step = 1  # step number of losses[0]
+
+    def add(self, loss: torch.Tensor, lr: float) -> None:
+        self.losses[len(self.lrs)] = loss.detach()  # a device copy, no synchronisation
+        self.lrs.append(lr)
+        if len(self.lrs) == self.every:
+            self.check()
+
+    def check(self) -> None:
+        count = len(self.lrs)
+        if count == 0:
+            return
+        window = self.losses[:count]
+        if not bool(torch.isfinite(window).all()):  # the one host synchronisation per look
+            i = int((~torch.isfinite(window)).nonzero()[0])
+            raise NonFiniteLoss(self.first_step + i, float(window[i]), float(self.lrs[i]))
+        self.first_step += count
+        self.lrs.clear()
 
 
 @torch.no_grad()

@@ -7,3 +7,17 @@ class UserError(Exception):
     The message names the key, the bad value and what is allowed, e.g.
     ``batch_size=0: must be a positive integer``.
     """
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (missing, truncated, corrupt, another config).
+
+    Never answered by a silent restart from scratch: the message names the file.
+    """
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: the message names epoch, step and lr.
+
+    A user error (exit status 2) because the usual fix is a setting: a lower `lr`.
+    """

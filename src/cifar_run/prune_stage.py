@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from cifar_run import atomic, report
-from cifar_run.engine import Batches, evaluate, train_one_epoch
+from cifar_run.engine import Batches, NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
     PruningSettings,
     apply_global_l1,
@@ -184,14 +185,22 @@ def _finetune(
     best_acc, best_state = -math.inf, None
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        train = train_one_epoch(
-            model,
-            data.train,
-            optimizer,
-            data.criterion,
-            device=data.device,
-            desc=f"fine-tune {epoch}/{epochs}" + (f" (step {step}/{steps})" if steps > 1 else ""),
-        )
+        try:
+            train = train_one_epoch(
+                model,
+                data.train,
+                optimizer,
+                data.criterion,
+                device=data.device,
+                desc=f"fine-tune {epoch}/{epochs}"
+                + (f" (step {step}/{steps})" if steps > 1 else ""),
+            )
+        except NonFiniteLoss as exc:
+            raise TrainingDiverged(
+                f"fine-tuning diverged: loss {exc.loss} at pruning step {step}/{steps}, "
+                f"fine-tune epoch {epoch}, step {exc.step} (lr {lr:.4g}); "
+                "try a lower pruning.finetune_lr"
+            ) from None
         val = evaluate(model, data.val, data.eval_criterion, device=data.device)
         row = {
             "step": step,

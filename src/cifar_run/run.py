@@ -1,15 +1,13 @@
 """run(cfg) -> results: build data, model and optimizer, train, test once, write the run folder.
 
+This is the one place that reads the config; the engine below it sees plain objects.
 With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune_stage.py) follows on the
 same trained weights.
-
-This is the one place that reads the config; the engine below it sees plain objects.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -20,19 +18,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_run import atomic, prune_stage, report
-from cifar_run.augment import build_augment, normalization
+from cifar_run import atomic, checkpoint, prune_stage, report
+from cifar_run.augment import build_augment, normalization, preview_png
+from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
-from cifar_run.data import load_data
-from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.data import Splits, load_data
+from cifar_run.engine import NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
+from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.pruning_config import PruningSettings, validate_pruning
+from cifar_run.reproducibility import set_deterministic
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients, so a large batch is cheap and fast
+PREVIEW_IMAGES = 8  # rows of augment_preview.png
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +89,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "optimizer": cfg.optim.name,
         "seed": cfg.seed,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "augment": cfg.augment.name,
         "sched": cfg.sched.name,
         "data": cfg.data.name,
@@ -99,25 +103,47 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
     settings = validate_pruning(cfg.prune, cfg.pruning)
+    if cfg.get("threads") is not None:  # parallel sweep jobs share the machine's cores
+        torch.set_num_threads(cfg.threads)
+    set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
+    resume_from = None
+    if out_dir is not None and not cfg.dry_run:
+        if cfg.resume:
+            resume_from = checkpoint.open_for_resume(out_dir, cfg, device)
+            done = checkpoint.completed_results(out_dir)
+            if done is not None:
+                print(
+                    f"{out_dir}: already completed (test_acc {done.get('test_acc')}); "
+                    "nothing to do",
+                    flush=True,
+                )
+                return done
+        else:
+            checkpoint.refuse_overwrite(out_dir)
+    elif cfg.resume and not cfg.dry_run:
+        raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     params = count_parameters(model)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
-    scheduler, interval = build_scheduler(cfg.sched, optimizer)
     augment = build_augment(cfg.augment)
     if cfg.dry_run:
         print(_summary(cfg, model, params, device), flush=True)
+        print(f"layers:\n{layer_summary(model)}", flush=True)
         return {"status": "dry_run", "params": params}
+    if cfg.preview:
+        return _preview(cfg, augment, out_dir)
 
     results = base_results(cfg, params, device)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_from is None:  # a resumed run keeps the record of how it was started
+            atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
     try:
         results.update(
-            _train(cfg, model, optimizer, scheduler, interval, augment, device, out_dir, settings)
+            _train(cfg, model, optimizer, augment, device, out_dir, resume_from, settings)
         )
     except BaseException as exc:
         if out_dir is not None:
@@ -139,17 +165,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     return results
 
 
-def _train(
-    cfg: DictConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    interval: str,
-    augment: Any,
-    device: torch.device,
-    out_dir: Path | None,
-    settings: PruningSettings,
-) -> dict[str, Any]:
+def _load(cfg: DictConfig) -> Splits:
     data = cfg.data
     t_load = time.perf_counter()
     splits = load_data(
@@ -168,6 +184,34 @@ def _train(
         len(splits.test),
         time.perf_counter() - t_load,
     )
+    return splits
+
+
+def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, Any]:
+    """Write augment_preview.png: training images spread over the split, each with a few
+    augmented draws (before normalization), from the run's augmentation seed."""
+    images = _load(cfg).train.images
+    pick = torch.linspace(0, len(images) - 1, min(PREVIEW_IMAGES, len(images))).long()
+    png = preview_png(images[pick], augment, torch.Generator().manual_seed(cfg.seed + 1))
+    if out_dir is not None:
+        path = Path(out_dir) / "augment_preview.png"
+        atomic.write_bytes(path, png)
+        print(f"augment preview: {path}", flush=True)
+    return {"status": "preview"}
+
+
+def _train(
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    augment: Any,
+    device: torch.device,
+    out_dir: Path | None,
+    resume_from: checkpoint.Checkpoint | None = None,
+    settings: PruningSettings | None = None,
+) -> dict[str, Any]:
+    settings = settings or PruningSettings()
+    splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": device, "mean": mean, "std": std}
     train_batches = DeviceLoader(
@@ -178,26 +222,47 @@ def _train(
 
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     eval_criterion = nn.CrossEntropyLoss()
-    step_scheduler = scheduler.step if scheduler is not None and interval == "step" else None
+    schedule = build_scheduler(
+        cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=len(train_batches)
+    )
     has_val = len(splits.val) > 0
 
-    history: list[dict[str, Any]] = []
-    best_acc, best_epoch, best_state = -math.inf, 0, None
-    for epoch in range(1, cfg.epochs + 1):
+    # Every random stream an epoch draws from, saved and restored with the checkpoint.
+    generators = {
+        "order": train_batches.order_generator,
+        "augment": train_batches.augment_generator,
+    }
+    loop = LoopState()
+    if resume_from is not None:
+        loop = checkpoint.restore(
+            resume_from,
+            model=model,
+            optimizer=optimizer,
+            scheduler=schedule,
+            generators=generators,
+        )
+        log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
+        if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
+            report.write_metrics(out_dir, loop.history)
+            atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+    history = loop.history
+    for epoch in range(loop.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(
-            model,
-            train_batches,
-            optimizer,
-            criterion,
-            device=device,
-            step_scheduler=step_scheduler,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-        )
+        try:
+            train = train_one_epoch(
+                model,
+                train_batches,
+                optimizer,
+                criterion,
+                device=device,
+                step_scheduler=schedule.step_batch,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+            )
+        except NonFiniteLoss as exc:
+            raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
         val = evaluate(model, val_batches, eval_criterion, device=device)
-        if scheduler is not None and interval == "epoch":
-            scheduler.step()
+        schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
             "train_loss": train.loss,
@@ -220,16 +285,29 @@ def _train(
             row["seconds"],
         )
         # Without a validation split the last epoch counts as best (nothing else to select on).
-        if not has_val or val.acc > best_acc:
-            best_acc, best_epoch, best_state = val.acc, epoch, _cpu_state(model)
+        if not has_val or val.acc > loop.best_acc:
+            loop.best_acc, loop.best_epoch, loop.best_state = val.acc, epoch, _cpu_state(model)
             if out_dir is not None:
-                atomic.torch_save(best_state, out_dir / "checkpoints" / "best.pt")
+                atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+        loop.epoch = epoch
         if out_dir is not None:
             report.write_metrics(out_dir, history)
             atomic.torch_save(_cpu_state(model), out_dir / "checkpoints" / "last.pt")
+            # Last: the files above are redone on resume; this one says what is done.
+            checkpoint.save(
+                out_dir,
+                loop,
+                model=model,
+                optimizer=optimizer,
+                scheduler=schedule,
+                generators=generators,
+                cfg=cfg,
+                device=device,
+            )
 
+    best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
     test = evaluate(model, test_batches, eval_criterion, device=device)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
@@ -245,7 +323,8 @@ def _train(
     if not (settings.enabled or settings.curve):
         return results
 
-    # The pruning stage starts from the weights just tested (the best epoch's).
+    # The pruning stage starts from the weights just tested (the best epoch's). It is not
+    # checkpointed: a resumed run redoes it from best.pt's weights.
     stage_data = prune_stage.StageData(
         train=train_batches,
         val=val_batches,
@@ -282,3 +361,18 @@ def _train(
             )
         )
     return results
+
+
+def _diverged(
+    exc: NonFiniteLoss, epoch: int, steps: int, loop: LoopState, out_dir: Path | None
+) -> TrainingDiverged:
+    if out_dir is None:
+        kept = "no checkpoints are written without a run folder"
+    elif loop.epoch == 0:
+        kept = "no epoch finished, so there is no checkpoint"
+    else:
+        kept = f"the last good checkpoint ({checkpoint.STATE_FILE}) is from epoch {loop.epoch}"
+    return TrainingDiverged(
+        f"training diverged: loss {exc.loss} at epoch {epoch}, step {exc.step}/{steps} "
+        f"(lr {exc.lr:.4g}); {kept}; try a lower lr"
+    )

@@ -1,0 +1,245 @@
+"""Full-state checkpoints: `checkpoints/state.pt` lets an interrupted run continue bit for bit.
+
+Written atomically at the end of every epoch (temp file, fsync, rename), so a crash at any
+instant leaves the previous one intact. It holds tensors and plain containers only and is
+read with `torch.load(..., weights_only=True)`: model, optimizer, scheduler, grad scaler,
+the loop state (epoch, history rows, best accuracy and weights), every RNG state including
+the data order and augmentation generators, and the resolved config with its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cifar_run import atomic
+from cifar_run.errors import CheckpointError, UserError
+from cifar_run.reproducibility import rng_state, set_rng_state
+
+STATE_FILE = Path("checkpoints") / "state.pt"
+FORMAT = 1
+_REQUIRED = ("epoch", "history", "best", "model", "optimizer", "scheduler", "rng", "config")
+
+# Keys that cannot change a run's numbers, so a resume may differ in them: the resume switch
+# itself, where the decode cache lives, whether downloading is allowed, Hydra's own settings.
+# `device` is compared by kind (cpu / cuda) in `check_config`, not by spelling: `auto`,
+# `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
+IGNORED_KEYS = ("resume", "dry_run", "device", "data.cache_dir", "data.download", "hydra")
+
+
+@dataclass
+class LoopState:
+    """What the epoch loop carries from one epoch to the next."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv rows
+    best_acc: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.data["epoch"])
+
+
+def state_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STATE_FILE
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The config a checkpoint belongs to
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in IGNORED_KEYS)
+
+
+def config_snapshot(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as flat `dotted.key: value` pairs that affect the results."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return {k: v for k, v in sorted(_flatten(container).items()) if not _ignored(k)}
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
+    text = json.dumps(config_snapshot(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """`key: saved -> current` for every result-affecting key that differs."""
+    old, new = config_snapshot(saved), config_snapshot(current)
+    absent = "<absent>"
+    return [
+        f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, absent) != new.get(k, absent)
+    ]
+
+
+def check_config(ckpt: Checkpoint, cfg: DictConfig, device: torch.device) -> None:
+    """Refuse to resume under a config that would give other numbers than the original."""
+    differences = config_diff(ckpt.data["config"], cfg)
+    saved_device = torch.device(ckpt.data.get("device", "cpu"))
+    if saved_device.type != device.type:
+        differences.append(f"device: {saved_device.type} -> {device.type}")
+    if differences:
+        raise CheckpointError(
+            f"resume=true: {ckpt.path} belongs to another config ({'; '.join(differences)}); "
+            "resume with the run's own overrides (its config.yaml), or start a new run"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, loading, restoring
+
+
+def save(
+    out_dir: str | Path,
+    loop: LoopState,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: Mapping[str, torch.Generator],
+    cfg: DictConfig,
+    device: torch.device,
+    scaler: Any = None,
+) -> None:
+    """Write `checkpoints/state.pt` atomically: everything needed to run the next epoch."""
+    # While the current weights are the best, storing them twice would double the file.
+    best_is_model = loop.best_epoch == loop.epoch
+    payload = {
+        "format": FORMAT,
+        "epoch": loop.epoch,
+        "history": loop.history,
+        "best": {
+            "acc": loop.best_acc,
+            "epoch": loop.best_epoch,
+            "state": None if best_is_model else loop.best_state,
+        },
+        "model": cpu_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(generators),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
+        "device": str(device),
+    }
+    atomic.torch_save(payload, state_path(out_dir))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a state.pt; anything unreadable is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncation and corruption surface as many exception types
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint, it is truncated or corrupt ({_reason(exc)}); "
+            "nothing was changed: restore the file or start a new run"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cifar-run checkpoint (format {FORMAT} expected)")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return Checkpoint(path, data)
+
+
+def open_for_resume(out_dir: str | Path, cfg: DictConfig, device: torch.device) -> Checkpoint:
+    """The checkpoint of the run in `out_dir`, checked against `cfg` (`resume=true`)."""
+    path = state_path(out_dir)
+    if not path.exists():
+        raise CheckpointError(
+            f"resume=true: no checkpoint in {out_dir} ({STATE_FILE} is missing); "
+            "resume needs the folder of an interrupted run: hydra.run.dir=<run folder>"
+        )
+    ckpt = load(path)
+    check_config(ckpt, cfg, device)
+    return ckpt
+
+
+def refuse_overwrite(out_dir: str | Path) -> None:
+    """A fresh run must not overwrite another run's checkpoint (and with it its results)."""
+    if state_path(out_dir).exists():
+        raise UserError(
+            f"hydra.run.dir={out_dir}: already holds a run ({STATE_FILE}); add resume=true to "
+            "continue it, or choose another folder"
+        )
+
+
+def completed_results(out_dir: str | Path) -> dict[str, Any] | None:
+    """results.json of a completed run in `out_dir`, else None."""
+    try:
+        results = json.loads((Path(out_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("status") == "completed" else None
+
+
+def restore(
+    ckpt: Checkpoint,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: Mapping[str, torch.Generator],
+    scaler: Any = None,
+) -> LoopState:
+    """Load every state into the freshly built objects; return the loop state to continue."""
+    data = ckpt.data
+    try:
+        model.load_state_dict(data["model"])
+        optimizer.load_state_dict(data["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(data["scheduler"])
+        if scaler is not None and data.get("scaler") is not None:
+            scaler.load_state_dict(data["scaler"])
+        set_rng_state(data["rng"], generators)
+        best = data["best"]
+        loop = LoopState(
+            epoch=int(data["epoch"]),
+            history=list(data["history"]),
+            best_acc=float(best["acc"]),
+            best_epoch=int(best["epoch"]),
+            best_state=best["state"] if best["state"] is not None else dict(data["model"]),
+        )
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{ckpt.path}: the checkpoint does not fit this run ({_reason(exc)})"
+        ) from None
+    return loop

@@ -1,0 +1,181 @@
+"""Every conf/model/*.yaml builds, runs forward and backward, and has its documented size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cifar_run.errors import UserError
+from cifar_run.models import build_model, count_parameters
+from cifar_run.models.summary import layer_summary
+
+from .conftest import TEST_DATA, run_cli
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODEL_FILES = sorted(CONF.glob("*.yaml"))
+
+# Exact counts for 10 classes; the published ones are quoted in each YAML's header comment.
+EXPECTED_PARAMETERS = {
+    "lenet5": 62_006,
+    "resnet9": 4_903_242,  # report 001
+    "resnet18": 11_173_962,  # kuangliu/pytorch-cifar
+    "resnet18_tv": 11_181_642,  # report 000, torchvision
+    "resnet20": 269_722,  # He et al. 2016: 0.27M
+    "resnet32": 464_154,  # report 003; He et al.: 0.46M
+    "resnet56": 853_018,  # He et al. 2016: 0.85M
+    "cnn": 227_594,
+    "cnn5": 2_753_546,  # report 002
+    "cnn7": 3_238_954,  # report 004 with this project's assumed widths
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: one intra-op thread is ~20x faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# For the CLI subprocesses: the same reason as the fixture above.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def load(name: str, *overrides: str):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+
+
+def test_every_model_file_has_an_expected_count():
+    assert sorted(p.stem for p in MODEL_FILES) == sorted(EXPECTED_PARAMETERS)
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=[p.stem for p in MODEL_FILES])
+def test_model_builds_trains_and_has_documented_size(path: Path):
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(path)
+    assert cfg.name == path.stem, "`name:` must match the file name (model=NAME)"
+    assert path.read_text().startswith("#"), "each model file opens with a comment"
+    model = build_model(cfg)
+    assert count_parameters(model) == EXPECTED_PARAMETERS[path.stem]
+    assert f"{EXPECTED_PARAMETERS[path.stem]:,}" in path.read_text(), "count in the header"
+
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet56", "cnn7", "resnet18_tv"])
+def test_layer_summary_is_short_and_shows_shapes(name: str):
+    model = build_model(load(name))
+    model.train()
+    text = layer_summary(model)
+    lines = text.splitlines()
+    assert len(lines) <= 30
+    assert lines[-1].endswith(f"{EXPECTED_PARAMETERS[name]:,} parameters")
+    assert "output 10" in lines[-1]
+    assert model.training, "the summary restores the training mode"
+
+
+def test_layer_summary_collapses_repeated_blocks():
+    text = layer_summary(build_model(load("resnet56")))
+    assert "stages.1.1-8" in text and "x8" in text
+
+
+def test_cnn_command_line_style_overrides_build():
+    model = build_model(load("cnn", "conv=[32,64,128]", "fc=[256]"))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [lin.out_features for lin in linears] == [256, 10]
+
+
+def test_cnn_mapping_entries_and_flatten():
+    model = build_model(
+        load(
+            "cnn",
+            "conv=[{ch: 8, k: 5, stride: 2, pool: null}, {ch: 16, pool: [3, 2], dropout2d: 0.1}]",
+            "pool_out=null",
+            "fc=[{units: 12, dropout: 0.5}]",
+            "act=leaky_relu",
+            "bn_after_act=true",
+        )
+    )
+    # 32 -> conv k5 s2 p2 -> 16 -> pool 3x2 -> 5x8; 16 * 5 * 8 = 640 features
+    assert model.classifier[1].layers[0].in_features == 640
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["conv=[32,0,64]"], r"model\.conv\[1\] \(conv 2\): 0 channels; channels must be"),
+        (["conv=[{ch: -4}]"], r"model\.conv\[0\] .*-4 channels"),
+        # 32 -> 16 -> 8 -> 4 -> 2 -> 1, then a 2x2 pool of a 1x1 map
+        (["conv=[8,8,8,8,8,8]"], r"model\.conv\[5\] .*input is 1x1, pooling 2x2 would leave"),
+        (["pool=null", "conv=[{ch: 8, k: 40, pad: 0}]"], r"conv\[0\].*input is 32x32.*40x40"),
+        (["conv=[{ch: 8, kernel: 3}]"], r"unknown key 'kernel'; allowed: ch, k,"),
+        (["fc=[0]"], r"model\.fc\[0\] \(FC 1\): units=0"),
+        (["act=swish"], r"model\.act='swish': allowed: relu"),
+        (["fc_dropout=1.5"], r"model\.fc_dropout=1\.5: a dropout probability"),
+        (["batchnorm=3"], r"model\.batchnorm=3: must be true or false"),
+        (["widht=3"], r"model\.widht: not a key of model 'cnn'; allowed: conv"),
+    ],
+)
+def test_impossible_cnn_fails_at_build_time(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_model(load("cnn", *overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["depths=[5,0,5]"], r"model\.depths\[1\]=0: must be an integer >= 1"),
+        (["widths=[16,32]"], r"model\.depths has 3 stages but model\.widths has 2"),
+        (["widths=[16,8,64]"], r"model\.widths\[1\]=8: shortcut=pad can only add channels"),
+        (["shortcut=proj"], r"model\.shortcut='proj': allowed: conv, pad"),
+    ],
+)
+def test_impossible_resnet_fails_at_build_time(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_model(load("resnet32", *overrides))
+
+
+def test_resnet_depths_and_shortcuts_are_configurable():
+    # ResNet-110 (He et al.: 1.7M) is one override away; conv shortcuts add 1x1 projections.
+    assert count_parameters(build_model(load("resnet20", "depths=[18,18,18]"))) == 1_727_962
+    pad = count_parameters(build_model(load("resnet20")))
+    conv = count_parameters(build_model(load("resnet20", "shortcut=conv")))
+    assert conv - pad == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_dry_run_prints_count_and_layer_table(tmp_path: Path):
+    proc = run_cli("model=resnet32", "dry_run=true", cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert "\nparameters: 464154\n" in proc.stdout
+    table = proc.stdout.split("\nlayers:\n", 1)[1]
+    assert "stages.1.1-4  BasicBlock 32->32 s1 x4" in table
+    assert table.rstrip().endswith("464,154 parameters")
+
+
+def test_impossible_cnn_on_the_command_line_is_one_line_before_data(tmp_path: Path):
+    proc = run_cli(
+        "model=cnn", "model.conv=[8,8,8,8,8,8]", "data=imagefolder", f"data.root={TEST_DATA}",
+        "data.val_size=0.1",
+        "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=ONE_THREAD,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cifar-run: error: model.conv[5] (conv 6): input is 1x1, pooling 2x2 would leave "
+        "nothing; use a smaller pool or fewer downsampling layers before it"
+    ]
+    assert "load" not in proc.stdout.lower() + proc.stderr.lower()
