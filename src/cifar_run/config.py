@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_run.errors import UserError
+from cifar_run.pruning_config import PruningSettings, validate_pruning
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
@@ -365,8 +366,28 @@ def check_top_level(cfg: DictConfig) -> None:
     boolean("resume", cfg.resume)
     boolean("deterministic", cfg.deterministic)
     boolean("preview", cfg.preview)
-    if not _is_number(cfg.prune) or cfg.prune != 0:
-        raise UserError(f"prune={cfg.prune}: pruning is not implemented yet; allowed: 0")
+
+
+def check_pruning(cfg: DictConfig) -> PruningSettings:
+    """`prune` and the `pruning` group; with a pruning stage, the layer selection too.
+
+    The selection is checked on a model built on the meta device (no memory, no init work),
+    so an empty one fails here, before any data loads.
+    """
+    settings = validate_pruning(cfg.prune, cfg.get("pruning"))
+    if settings.enabled or settings.curve:
+        import torch
+
+        from cifar_run.models import build_model
+        from cifar_run.pruning import prunable_parameters
+
+        try:
+            with torch.device("meta"):
+                model = build_model(cfg.model)
+        except Exception:  # a broken model config is reported where the run builds it
+            return settings
+        prunable_parameters(model, settings.include_classifier)
+    return settings
 
 
 def validate(cfg: DictConfig) -> None:
@@ -377,3 +398,4 @@ def validate(cfg: DictConfig) -> None:
     check_augment(cfg.augment)
     check_optim(cfg.optim)
     check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
+    check_pruning(cfg)

@@ -1,4 +1,5 @@
-"""Run-folder outputs: metrics.csv, results.{json,csv,md}, loss.png and accuracy.png.
+"""Run-folder outputs: metrics.csv, results.{json,csv,md}, loss.png and accuracy.png
+(and with pruning: sparsity.csv, curve.csv, finetune.csv, sparsity.png).
 
 Every file is written atomically, so a killed run never leaves half a table.
 """
@@ -61,6 +62,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return "\n".join(lines) + "\n"
 
 
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """A CSV file with these columns (missing values empty), written atomically."""
+    atomic.write_text(path, _csv_text(rows, columns))
+
+
 def write_metrics(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """metrics.csv: one row per epoch (rewritten whole after each epoch)."""
     atomic.write_text(out_dir / "metrics.csv", _csv_text(rows, METRIC_COLUMNS))
@@ -80,15 +86,24 @@ def write_status(out_dir: Path, results: Mapping[str, Any]) -> None:
 
 
 def write_results(
-    out_dir: Path, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None
+    out_dir: Path,
+    results: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    notes: Sequence[str] = (),
 ) -> None:
-    """results.json (everything) and results.csv / results.md (the table rows)."""
+    """results.json (everything) and results.csv / results.md (the table rows).
+
+    `notes` (warnings, e.g. fully pruned layers) are listed under the table in results.md.
+    """
     write_status(out_dir, results)
     if rows is None:
         rows = [{c: results.get(c) for c in RESULT_COLUMNS}]
     columns = table_columns(rows)
     atomic.write_text(out_dir / "results.csv", _csv_text(rows, columns))
-    atomic.write_text(out_dir / "results.md", markdown_table(rows, columns))
+    text = markdown_table(rows, columns)
+    if notes:
+        text += "\n" + "".join(f"- {note}\n" for note in notes)
+    atomic.write_text(out_dir / "results.md", text)
 
 
 def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
@@ -113,3 +128,25 @@ def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "
         ax.legend()
         atomic.save_figure(fig, out_dir / f"{name}.png")
         plt.close(fig)
+
+
+def plot_sparsity(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
+    """sparsity.png: validation and test accuracy against global sparsity (pruning.curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["sparsity"])
+    x = [100.0 * r["sparsity"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["val_acc"] for r in rows], marker="o", label="validation")
+    ax.plot(x, [r["test_acc"] for r in rows], marker="s", label="test")
+    ax.set_xlabel("sparsity of the prunable weights (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{title} accuracy vs sparsity (no fine-tuning)".strip())
+    ax.set_xlim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    atomic.save_figure(fig, out_dir / "sparsity.png")
+    plt.close(fig)

@@ -1,6 +1,8 @@
 """run(cfg) -> results: build data, model and optimizer, train, test once, write the run folder.
 
 This is the one place that reads the config; the engine below it sees plain objects.
+With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune_stage.py) follows on the
+same trained weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_run import atomic, checkpoint, report
+from cifar_run import atomic, checkpoint, prune_stage, report
 from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
@@ -27,6 +29,7 @@ from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
+from cifar_run.pruning_config import PruningSettings, validate_pruning
 from cifar_run.reproducibility import set_deterministic
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,15 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         f"sched: {cfg.sched.name}",
         f"device: {device}, seed {cfg.seed}",
     ]
+    settings = validate_pruning(cfg.prune, cfg.pruning)
+    if settings.enabled:
+        lines.append(
+            f"prune: {settings.amount:g} (global L1, include_classifier "
+            f"{settings.include_classifier}, steps {settings.steps}, finetune_epochs "
+            f"{settings.finetune_epochs}, finetune_lr {settings.resolved_finetune_lr(cfg.lr):g})"
+        )
+    if settings.curve:
+        lines.append(f"pruning.curve: {', '.join(f'{a:g}' for a in settings.curve)}")
     return "\n".join(lines)
 
 
@@ -83,12 +95,14 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "data": cfg.data.name,
         "val_size": cfg.data.val_size,
         "subset": cfg.data.subset,
+        "prune": float(cfg.prune),
     }
 
 
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
+    settings = validate_pruning(cfg.prune, cfg.pruning)
     if cfg.get("threads") is not None:  # parallel sweep jobs share the machine's cores
         torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
@@ -128,15 +142,26 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
     try:
-        results.update(_train(cfg, model, optimizer, augment, device, out_dir, resume_from))
+        results.update(
+            _train(cfg, model, optimizer, augment, device, out_dir, resume_from, settings)
+        )
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.write_status(out_dir, {**results, "status": "failed", "error": message})
         raise
+    rows, notes = None, []
+    if settings.enabled:
+        rows = prune_stage.table_rows(results, report.RESULT_COLUMNS)
+        results["rows"] = rows
+        if results["fully_pruned_layers"]:
+            notes.append(
+                "warning: 100% pruned (every weight zero): "
+                + ", ".join(results["fully_pruned_layers"])
+            )
     results["status"] = "completed"
     if out_dir is not None:
-        report.write_results(out_dir, results)
+        report.write_results(out_dir, results, rows, notes)
     return results
 
 
@@ -183,7 +208,9 @@ def _train(
     device: torch.device,
     out_dir: Path | None,
     resume_from: checkpoint.Checkpoint | None = None,
+    settings: PruningSettings | None = None,
 ) -> dict[str, Any]:
+    settings = settings or PruningSettings()
     splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": device, "mean": mean, "std": std}
@@ -285,7 +312,7 @@ def _train(
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
         report.plot_curves(out_dir, history, title=str(cfg.model.name))
-    return {
+    results = {
         "best_val_acc": best_acc,
         "best_epoch": best_epoch,
         "test_acc": test.acc,
@@ -293,6 +320,47 @@ def _train(
         "train_seconds": sum(r["seconds"] for r in history),
         "final_train_acc": history[-1]["train_acc"],
     }
+    if not (settings.enabled or settings.curve):
+        return results
+
+    # The pruning stage starts from the weights just tested (the best epoch's). It is not
+    # checkpointed: a resumed run redoes it from best.pt's weights.
+    stage_data = prune_stage.StageData(
+        train=train_batches,
+        val=val_batches,
+        test=test_batches,
+        criterion=criterion,
+        eval_criterion=eval_criterion,
+        has_val=has_val,
+        device=device,
+    )
+    params = count_parameters(model)
+    if settings.curve:
+        curve = prune_stage.run_curve(
+            model,
+            settings,
+            stage_data,
+            total_params=params,
+            dense_val_acc=best_acc,
+            dense_test_acc=test.acc,
+        )
+        results["curve"] = curve
+        if out_dir is not None:
+            report.write_csv(out_dir / "curve.csv", curve, prune_stage.CURVE_COLUMNS)
+            report.plot_sparsity(out_dir, curve, title=str(cfg.model.name))
+    if settings.enabled:
+        results.update(
+            prune_stage.run_pruning(
+                model,
+                settings,
+                stage_data,
+                lambda p, lr: build_optimizer(cfg.optim, p, lr),
+                total_params=params,
+                finetune_lr=settings.resolved_finetune_lr(cfg.lr),
+                out_dir=out_dir,
+            )
+        )
+    return results
 
 
 def _diverged(

@@ -1,0 +1,382 @@
+"""The pruning stage of a run: prune the trained model, evaluate, fine-tune, report.
+
+Pruned and dense numbers come from the same trained weights: the run hands over the dense
+best model after it has been evaluated on validation and test; this stage prunes it in
+place, evaluates it again, fine-tunes it with the masks held if asked (evaluating again),
+and makes the pruning permanent. `pruning.curve` amounts are evaluated on pruned copies of
+the dense model before that, without retraining.
+
+No Hydra here: run.py passes plain objects (settings, batches, an optimizer factory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_run import atomic, report
+from cifar_run.engine import Batches, NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.errors import TrainingDiverged
+from cifar_run.pruning import (
+    PruningSettings,
+    apply_global_l1,
+    checkpoint_sizes,
+    fully_pruned_layers,
+    global_sparsity,
+    make_permanent,
+    prunable_parameters,
+    prune_copy,
+    sparsity_table,
+    step_targets,
+)
+
+log = logging.getLogger(__name__)
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+SPARSITY_COLUMNS = ("name", "shape", "weights", "zeros", "sparsity")
+CURVE_COLUMNS = (
+    "amount",
+    "sparsity",
+    "nonzero_params",
+    "val_acc",
+    "test_acc",
+    "fully_pruned_layers",
+)
+FINETUNE_COLUMNS = (
+    "step",
+    "epoch",
+    "sparsity",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+)
+# Extra columns of the results table (results.csv/md) when a run prunes.
+PRUNED_COLUMNS = (
+    "pruned",
+    "prune",
+    "sparsity",
+    "nonzero_params",
+    "compression",
+    "finetune_epochs",
+    "ckpt_bytes",
+    "ckpt_gzip_bytes",
+)
+
+
+@dataclass
+class StageData:
+    """What the stage trains and evaluates on (the run's own batches and losses)."""
+
+    train: Batches
+    val: Batches
+    test: Batches
+    criterion: Criterion  # training loss (label smoothing included)
+    eval_criterion: Criterion
+    has_val: bool
+    device: torch.device
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _counts(model: nn.Module, params: list[tuple[nn.Module, str]], total_params: int) -> dict:
+    rows = sparsity_table(model, params)
+    zeros = sum(r["zeros"] for r in rows)
+    nonzero = total_params - zeros
+    return {
+        "rows": rows,
+        "sparsity": global_sparsity(rows),
+        "zeros": zeros,
+        "nonzero_params": nonzero,
+        "compression": total_params / nonzero if nonzero else math.inf,
+    }
+
+
+def _warn_fully_pruned(layers: Sequence[str], what: str) -> None:
+    if layers:
+        log.warning(
+            "%s: layer(s) %s are 100%% pruned (every weight is zero; they pass only their "
+            "bias); lower the amount or set pruning.include_classifier=false",
+            what,
+            ", ".join(layers),
+        )
+
+
+def run_curve(
+    model: nn.Module,
+    settings: PruningSettings,
+    data: StageData,
+    *,
+    total_params: int,
+    dense_val_acc: float,
+    dense_test_acc: float,
+) -> list[dict[str, Any]]:
+    """Accuracy at each `pruning.curve` amount, from pruned copies of the dense `model`.
+
+    The dense model itself is the amount-0 point (its accuracies are the run's own).
+    """
+    rows = []
+    for amount in sorted(set(settings.curve) | {0.0}):
+        if amount == 0.0:
+            pruned, val_acc, test_acc = model, dense_val_acc, dense_test_acc
+        else:
+            pruned = prune_copy(model, amount, settings.include_classifier)
+            val_acc = evaluate(pruned, data.val, data.eval_criterion, device=data.device).acc
+            test_acc = evaluate(pruned, data.test, data.eval_criterion, device=data.device).acc
+        counts = _counts(
+            pruned, prunable_parameters(pruned, settings.include_classifier), total_params
+        )
+        full = fully_pruned_layers(counts["rows"])
+        _warn_fully_pruned(full, f"pruning.curve amount {amount:g}")
+        log.info(
+            "curve: amount %g  sparsity %.4f  val acc %.2f  test acc %.2f",
+            amount,
+            counts["sparsity"],
+            val_acc,
+            test_acc,
+        )
+        rows.append(
+            {
+                "amount": amount,
+                "sparsity": counts["sparsity"],
+                "nonzero_params": counts["nonzero_params"],
+                "val_acc": val_acc,
+                "test_acc": test_acc,
+                "fully_pruned_layers": ";".join(full),
+            }
+        )
+    return rows
+
+
+def _finetune(
+    model: nn.Module,
+    data: StageData,
+    make_optimizer: OptimizerFactory,
+    *,
+    epochs: int,
+    lr: float,
+    step: int,
+    steps: int,
+    sparsity: float,
+    keep_best: bool,
+) -> tuple[list[dict[str, Any]], float]:
+    """Fine-tune with the masks attached; returns (history rows, val acc of the kept weights).
+
+    A fresh optimizer (the run's optimizer settings, `lr`, no scheduler) sees `weight_orig`;
+    the masks keep the pruned weights of the effective model at exactly 0. With `keep_best`
+    the epoch with the best validation accuracy is kept, as in training.
+    """
+    optimizer = make_optimizer(model.parameters(), lr)
+    history: list[dict[str, Any]] = []
+    best_acc, best_state = -math.inf, None
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        try:
+            train = train_one_epoch(
+                model,
+                data.train,
+                optimizer,
+                data.criterion,
+                device=data.device,
+                desc=f"fine-tune {epoch}/{epochs}"
+                + (f" (step {step}/{steps})" if steps > 1 else ""),
+            )
+        except NonFiniteLoss as exc:
+            raise TrainingDiverged(
+                f"fine-tuning diverged: loss {exc.loss} at pruning step {step}/{steps}, "
+                f"fine-tune epoch {epoch}, step {exc.step} (lr {lr:.4g}); "
+                "try a lower pruning.finetune_lr"
+            ) from None
+        val = evaluate(model, data.val, data.eval_criterion, device=data.device)
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "sparsity": sparsity,
+            "train_loss": train.loss,
+            "train_acc": train.acc,
+            "val_loss": val.loss,
+            "val_acc": val.acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        log.info(
+            "fine-tune step %d/%d epoch %d/%d  train loss %.4f acc %.2f  val loss %.4f acc %.2f",
+            step,
+            steps,
+            epoch,
+            epochs,
+            train.loss,
+            train.acc,
+            val.loss,
+            val.acc,
+        )
+        if keep_best and (not data.has_val or val.acc > best_acc):
+            best_acc, best_state = val.acc, _cpu_state(model)
+    if keep_best and best_state is not None:
+        model.load_state_dict(best_state)  # same keys: weight_orig and weight_mask
+        return history, best_acc
+    return history, history[-1]["val_acc"] if history else math.nan
+
+
+def run_pruning(
+    model: nn.Module,
+    settings: PruningSettings,
+    data: StageData,
+    make_optimizer: OptimizerFactory,
+    *,
+    total_params: int,
+    finetune_lr: float,
+    out_dir: Path | None,
+) -> dict[str, Any]:
+    """Prune `model` in place (dense best weights, already evaluated); return results keys.
+
+    Iterative pruning (`steps` > 1) prunes to prune*k/steps at step k and fine-tunes
+    `finetune_epochs` after every step. `pruned_*` accuracies are measured right after the
+    last pruning step (for steps=1: the one-shot pruned model), `finetuned_*` after the
+    fine-tuning that follows it.
+    """
+    t_stage = time.perf_counter()
+    dense_state = _cpu_state(model)
+    params = prunable_parameters(model, settings.include_classifier)
+    dense = _counts(model, params, total_params)
+    dense_size = checkpoint_sizes(dense_state)
+
+    history: list[dict[str, Any]] = []
+    targets = step_targets(settings.amount, settings.steps)
+    results: dict[str, Any] = {}
+    for step, target in enumerate(targets, start=1):
+        apply_global_l1(params, target)
+        sparsity = global_sparsity(sparsity_table(model, params))
+        last = step == len(targets)
+        if not last and settings.finetune_epochs == 0:
+            continue
+        val = evaluate(model, data.val, data.eval_criterion, device=data.device)
+        log.info(
+            "pruning step %d/%d: sparsity %.4f  val acc %.2f", step, len(targets), sparsity, val.acc
+        )
+        history.append({"step": step, "epoch": 0, "sparsity": sparsity, **_val_row(val)})
+        if last:
+            test = evaluate(model, data.test, data.eval_criterion, device=data.device)
+            results["pruned_val_acc"] = val.acc
+            results["pruned_test_acc"] = test.acc
+            log.info("pruned: val acc %.2f  test acc %.2f", val.acc, test.acc)
+        if settings.finetune_epochs > 0:
+            rows, kept_val = _finetune(
+                model,
+                data,
+                make_optimizer,
+                epochs=settings.finetune_epochs,
+                lr=finetune_lr,
+                step=step,
+                steps=len(targets),
+                sparsity=sparsity,
+                keep_best=last,
+            )
+            history += rows
+            if last:
+                test = evaluate(model, data.test, data.eval_criterion, device=data.device)
+                results["finetuned_val_acc"] = kept_val
+                results["finetuned_test_acc"] = test.acc
+                log.info("fine-tuned: val acc %.2f  test acc %.2f", kept_val, test.acc)
+
+    make_permanent(model)
+    pruned = _counts(model, params, total_params)
+    full = fully_pruned_layers(pruned["rows"])
+    _warn_fully_pruned(full, f"prune={settings.amount:g}")
+    pruned_state = _cpu_state(model)
+    pruned_size = checkpoint_sizes(pruned_state)
+    log.info(
+        "pruned model: sparsity %.4f, %d of %d parameters non-zero (%.2fx); "
+        "checkpoint %d bytes, gzip %d (dense %d, gzip %d)",
+        pruned["sparsity"],
+        pruned["nonzero_params"],
+        total_params,
+        pruned["compression"],
+        pruned_size["bytes"],
+        pruned_size["gzip_bytes"],
+        dense_size["bytes"],
+        dense_size["gzip_bytes"],
+    )
+    if out_dir is not None:
+        atomic.torch_save(pruned_state, out_dir / "checkpoints" / "pruned.pt")
+        report.write_csv(out_dir / "sparsity.csv", pruned["rows"], SPARSITY_COLUMNS)
+        if any(r["epoch"] > 0 for r in history):
+            report.write_csv(out_dir / "finetune.csv", history, FINETUNE_COLUMNS)
+
+    results.update(
+        {
+            "prune": settings.amount,
+            "sparsity": pruned["sparsity"],
+            "nonzero_params": pruned["nonzero_params"],
+            "compression": pruned["compression"],
+            "dense_sparsity": dense["sparsity"],
+            "dense_nonzero_params": dense["nonzero_params"],
+            "dense_ckpt_bytes": dense_size["bytes"],
+            "dense_ckpt_gzip_bytes": dense_size["gzip_bytes"],
+            "pruned_ckpt_bytes": pruned_size["bytes"],
+            "pruned_ckpt_gzip_bytes": pruned_size["gzip_bytes"],
+            "fully_pruned_layers": full,
+            "pruning_include_classifier": settings.include_classifier,
+            "pruning_steps": settings.steps,
+            "finetune_epochs": settings.finetune_epochs,
+            "finetune_lr": finetune_lr if settings.finetune_epochs > 0 else None,
+            "prune_seconds": time.perf_counter() - t_stage,
+        }
+    )
+    return results
+
+
+def _val_row(val: Any) -> dict[str, Any]:
+    return {"val_loss": val.loss, "val_acc": val.acc}
+
+
+def table_rows(results: Mapping[str, Any], base_columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The results table of a pruning run: the dense row, then the pruned row.
+
+    Both rows share the run's settings and `best_epoch` (the pruned model is made from that
+    epoch's weights). The pruned row's `best_val_acc`/`test_acc` are those of the final
+    pruned model: fine-tuned when `finetune_epochs` > 0, else straight after pruning.
+    """
+    base = {c: results.get(c) for c in base_columns}
+    params = results["params"]
+    finetuned = "finetuned_test_acc" in results
+    dense_row = {
+        **base,
+        "pruned": False,
+        "prune": 0.0,
+        "sparsity": results["dense_sparsity"],
+        "nonzero_params": results["dense_nonzero_params"],
+        "compression": params / results["dense_nonzero_params"],
+        "finetune_epochs": 0,
+        "ckpt_bytes": results["dense_ckpt_bytes"],
+        "ckpt_gzip_bytes": results["dense_ckpt_gzip_bytes"],
+    }
+    pruned_row = {
+        **base,
+        "best_val_acc": results["finetuned_val_acc" if finetuned else "pruned_val_acc"],
+        "test_acc": results["finetuned_test_acc" if finetuned else "pruned_test_acc"],
+        "pruned": True,
+        "prune": results["prune"],
+        "sparsity": results["sparsity"],
+        "nonzero_params": results["nonzero_params"],
+        "compression": results["compression"],
+        "finetune_epochs": results["finetune_epochs"],
+        "ckpt_bytes": results["pruned_ckpt_bytes"],
+        "ckpt_gzip_bytes": results["pruned_ckpt_gzip_bytes"],
+    }
+    return [dense_row, pruned_row]
