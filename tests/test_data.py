@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def test_imagefolder_cache_is_used_and_notices_changes(
     shutil.copy(next((root / "train" / "dog").iterdir()), extra)
     changed, _, _ = data.load_imagefolder(root, tmp_path / "cache")
     assert calls and len(changed) == len(first) + 1
+
+
+def test_fingerprint_notices_a_touched_file(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    shutil.copytree(TEST_DATA, root)
+    _, items = data._list_split(root / "train")
+    before = data._fingerprint(root, items)
+    assert data._fingerprint(root, items) == before  # stable while nothing changes
+    path = items[5][0]
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # same size, touched
+    assert data._fingerprint(root, items) != before
 
 
 def test_missing_split_folder_is_a_user_error(tmp_path: Path) -> None:
