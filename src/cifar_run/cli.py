@@ -210,7 +210,6 @@ def preflight(argv: list[str]) -> None:
         fail(f"{sweeps[0]}: several values need multirun; add -m")
     jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = compose(config_name="config")
         if hydra_overrides:  # hydra/launcher=..., hydra.sweep.dir=...: checked once for all jobs
             try:
                 compose(config_name="config", overrides=hydra_overrides, return_hydra_config=True)
@@ -219,8 +218,8 @@ def preflight(argv: list[str]) -> None:
         for job in jobs:
             try:
                 cfg = compose(config_name="config", overrides=job)
-            except Exception as exc:
-                fail(_compose_error(exc, job, base))
+            except Exception as exc:  # the defaults alone (composed only now) name the known keys
+                fail(_compose_error(exc, job, compose(config_name="config")))
             _check_added_keys(job, options)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
