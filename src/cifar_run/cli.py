@@ -8,6 +8,7 @@ messages span several lines and exit with 1), then hands over to `@hydra.main`.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_run import sweep
+from cifar_run.constants import OPENMP_ENV
 from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -250,6 +252,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point of `cifar-run`."""
+    for key, value in OPENMP_ENV.items():  # before anything imports torch
+        os.environ.setdefault(key, value)
     preflight(sys.argv[1:])
     _hydra_main()
 

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_run.constants import PRECISIONS
 from cifar_run.errors import UserError
 from cifar_run.pruning_config import PruningSettings, validate_pruning
 
@@ -42,6 +43,8 @@ REQUIRED_KEYS = {
         "dry_run",
         "resume",
         "deterministic",
+        "precision",
+        "compile",
     ),
     "data": ("name", "root", "download", "val_size", "subset", "split_seed", "cache_dir"),
 }
@@ -362,6 +365,8 @@ def check_top_level(cfg: DictConfig) -> None:
     check_device(cfg.device)
     if cfg.get("threads") is not None:
         positive_int("threads", cfg.threads)
+    one_of("precision", cfg.precision, PRECISIONS)
+    boolean("compile", cfg.compile)
     boolean("dry_run", cfg.dry_run)
     boolean("resume", cfg.resume)
     boolean("deterministic", cfg.deterministic)

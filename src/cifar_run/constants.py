@@ -19,3 +19,13 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 IMAGE_SHAPE = (3, 32, 32)
+
+# `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.accel).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# OpenMP threads that wait for work by spinning are fast on an idle machine and ruinous on a
+# busy one: a waiting thread spins on a core another process needs while the thread it waits
+# for is descheduled. On the shared 2-core machine LeNet-5 trained about 10x slower with
+# spinning threads (docs/benchmarks.md). libgomp reads this once, when torch is first
+# imported, so entry points set it (unless the environment already does) before that.
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}

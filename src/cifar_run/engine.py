@@ -57,8 +57,14 @@ def train_one_epoch(
     step_scheduler: Callable[[], None] | None = None,
     desc: str = "train",
     check_every: int = CHECK_EVERY,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
+
+    `autocast`: run the forward pass and loss under `torch.autocast` in that dtype (bf16 or
+    fp16; None: fp32). `scaler`: scale the loss for fp16 (a GradScaler skips steps whose
+    gradients overflowed; its inf check costs one host synchronisation per step on CUDA).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.
@@ -72,11 +78,17 @@ def train_one_epoch(
     recent = _RecentLosses(check_every, device)
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
-        out = model(x)
-        loss = criterion(out, y)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+            loss = criterion(out, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if step_scheduler is not None:
             step_scheduler()
         loss_sum += loss.detach() * y.shape[0]
@@ -121,16 +133,19 @@ def evaluate(
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     device: torch.device,
+    autocast: torch.dtype | None = None,
 ) -> EpochStats:
-    """Mean loss and accuracy of `model` over `batches`, in eval mode."""
+    """Mean loss and accuracy of `model` over `batches`, in eval mode (`autocast` as in
+    `train_one_epoch`; the loss is summed in fp32)."""
     model.eval()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in batches:
-        out = model(x)
-        loss_sum += criterion(out, y) * y.shape[0]
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+        loss_sum += criterion(out.float(), y) * y.shape[0]
         correct += (out.argmax(1) == y).sum()
         n += y.shape[0]
     return _stats(loss_sum, correct, n, t0)

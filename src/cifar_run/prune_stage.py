@@ -87,6 +87,7 @@ class StageData:
     eval_criterion: Criterion
     has_val: bool
     device: torch.device
+    autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,8 +136,12 @@ def run_curve(
             pruned, val_acc, test_acc = model, dense_val_acc, dense_test_acc
         else:
             pruned = prune_copy(model, amount, settings.include_classifier)
-            val_acc = evaluate(pruned, data.val, data.eval_criterion, device=data.device).acc
-            test_acc = evaluate(pruned, data.test, data.eval_criterion, device=data.device).acc
+            val_acc = evaluate(
+                pruned, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
+            ).acc
+            test_acc = evaluate(
+                pruned, data.test, data.eval_criterion, device=data.device, autocast=data.autocast
+            ).acc
         counts = _counts(
             pruned, prunable_parameters(pruned, settings.include_classifier), total_params
         )
@@ -192,6 +197,7 @@ def _finetune(
                 optimizer,
                 data.criterion,
                 device=data.device,
+                autocast=data.autocast,
                 desc=f"fine-tune {epoch}/{epochs}"
                 + (f" (step {step}/{steps})" if steps > 1 else ""),
             )
@@ -201,7 +207,9 @@ def _finetune(
                 f"fine-tune epoch {epoch}, step {exc.step} (lr {lr:.4g}); "
                 "try a lower pruning.finetune_lr"
             ) from None
-        val = evaluate(model, data.val, data.eval_criterion, device=data.device)
+        val = evaluate(
+            model, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
+        )
         row = {
             "step": step,
             "epoch": epoch,
@@ -265,13 +273,17 @@ def run_pruning(
         last = step == len(targets)
         if not last and settings.finetune_epochs == 0:
             continue
-        val = evaluate(model, data.val, data.eval_criterion, device=data.device)
+        val = evaluate(
+            model, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
+        )
         log.info(
             "pruning step %d/%d: sparsity %.4f  val acc %.2f", step, len(targets), sparsity, val.acc
         )
         history.append({"step": step, "epoch": 0, "sparsity": sparsity, **_val_row(val)})
         if last:
-            test = evaluate(model, data.test, data.eval_criterion, device=data.device)
+            test = evaluate(
+                model, data.test, data.eval_criterion, device=data.device, autocast=data.autocast
+            )
             results["pruned_val_acc"] = val.acc
             results["pruned_test_acc"] = test.acc
             log.info("pruned: val acc %.2f  test acc %.2f", val.acc, test.acc)
@@ -289,7 +301,13 @@ def run_pruning(
             )
             history += rows
             if last:
-                test = evaluate(model, data.test, data.eval_criterion, device=data.device)
+                test = evaluate(
+                    model,
+                    data.test,
+                    data.eval_criterion,
+                    device=data.device,
+                    autocast=data.autocast,
+                )
                 results["finetuned_val_acc"] = kept_val
                 results["finetuned_test_acc"] = test.acc
                 log.info("fine-tuned: val acc %.2f  test acc %.2f", kept_val, test.acc)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_run import atomic, checkpoint, prune_stage, report
+from cifar_run import accel, atomic, checkpoint, prune_stage, report
 from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
@@ -90,6 +90,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "seed": cfg.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "precision": accel.resolve_precision(cfg.precision, device).name,
         "augment": cfg.augment.name,
         "sched": cfg.sched.name,
         "data": cfg.data.name,
@@ -103,8 +104,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
     settings = validate_pruning(cfg.prune, cfg.pruning)
-    if cfg.get("threads") is not None:  # parallel sweep jobs share the machine's cores
-        torch.set_num_threads(cfg.threads)
+    accel.set_threads(cfg.get("threads"))  # parallel sweep jobs share the machine's cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     resume_from = None
@@ -213,7 +213,24 @@ def _train(
     settings = settings or PruningSettings()
     splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
-    norm = {"device": device, "mean": mean, "std": std}
+    # Speed: the model's own weights stay NCHW (checkpoints and pruning see plain tensors);
+    # channels_last batches are enough for the convolutions to run NHWC.
+    precision = accel.resolve_precision(cfg.precision, device)
+    scaler = precision.scaler(device)
+    net = accel.compiled(model, cfg.compile)  # `model` stays the one to save and prune
+    amp = {"autocast": precision.dtype}
+    log.info(
+        "precision %s, %d CPU threads, compile %s",
+        precision.name,
+        torch.get_num_threads(),
+        cfg.compile,
+    )
+    norm = {
+        "device": device,
+        "mean": mean,
+        "std": std,
+        "memory_format": accel.memory_format(model, device),
+    }
     train_batches = DeviceLoader(
         splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **norm
     )
@@ -240,6 +257,7 @@ def _train(
             optimizer=optimizer,
             scheduler=schedule,
             generators=generators,
+            scaler=scaler,
         )
         log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
         if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
@@ -251,17 +269,19 @@ def _train(
         lr = optimizer.param_groups[0]["lr"]
         try:
             train = train_one_epoch(
-                model,
+                net,
                 train_batches,
                 optimizer,
                 criterion,
                 device=device,
                 step_scheduler=schedule.step_batch,
                 desc=f"epoch {epoch}/{cfg.epochs}",
+                scaler=scaler,
+                **amp,
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
-        val = evaluate(model, val_batches, eval_criterion, device=device)
+        val = evaluate(net, val_batches, eval_criterion, device=device, **amp)
         schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
@@ -303,12 +323,13 @@ def _train(
                 generators=generators,
                 cfg=cfg,
                 device=device,
+                scaler=scaler,
             )
 
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
-    test = evaluate(model, test_batches, eval_criterion, device=device)
+    test = evaluate(net, test_batches, eval_criterion, device=device, **amp)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
         report.plot_curves(out_dir, history, title=str(cfg.model.name))
@@ -333,6 +354,7 @@ def _train(
         eval_criterion=eval_criterion,
         has_val=has_val,
         device=device,
+        autocast=precision.dtype,
     )
     params = count_parameters(model)
     if settings.curve:

@@ -1,0 +1,117 @@
+"""Speed settings: CPU threads, mixed precision, memory format and torch.compile.
+
+Plain values in, torch objects out; run.py and scripts/bench.py read the config and call
+these, so the CLI and the benchmark train the same way. The rules, and the measurements
+behind them, are in docs/benchmarks.md ("Speed settings").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cifar_run.constants import PRECISIONS
+from cifar_run.errors import UserError
+
+
+def set_threads(threads: int | None) -> int:
+    """Intra-op threads for CPU ops: `threads`, or torch's default (every physical core, or
+    OMP_NUM_THREADS when set, as joblib sweeps do) when None. Returns the number in use.
+
+    Inter-op threads stay at one: nothing here runs independent ops side by side, and a
+    second pool would only compete for the same cores.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first inter-op work of the process
+        pass
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a `precision` setting resolved to on a device."""
+
+    name: str  # fp32, bf16 or fp16
+    dtype: torch.dtype | None  # the autocast dtype; None: plain fp32, no autocast
+
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling (its range is small); bf16 and fp32 do not."""
+        if self.name != "fp16":
+            return None
+        return torch.amp.GradScaler(device.type)
+
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU multiplies bf16 natively. Without them oneDNN emulates
+    bf16 and it is slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """`auto`: bf16 where the device has bf16 units (CUDA from Ampere on, CPUs with
+    AVX-512 BF16 or AMX), fp32 elsewhere. fp16 works on CUDA and on CPU (with a grad
+    scaler); it is slower than bf16 on CPUs and not chosen by `auto`."""
+    if name not in PRECISIONS:
+        raise UserError(f"precision={name}: unknown; allowed: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        name = "bf16" if bf16_is_fast(device) else "fp32"
+    return Precision(name, _DTYPES[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory format and compilation
+
+
+# oneDNN's NHWC convolution kernels vectorize over channels (16 fp32 or 32 bf16 values per
+# AVX-512 register), so a convolution with few input channels wastes most of each vector.
+# Measured on the 2-core Xeon (docs/benchmarks.md): channels_last made ResNet-18 (64-512
+# channels) about 15% faster and LeNet-5 (3 and 6 input channels) about 10% slower.
+MIN_NHWC_CHANNELS = 16
+
+
+def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) batches for conv nets where it pays, else the default NCHW.
+
+    On CUDA, every conv net (cuDNN's tensor-core kernels work in NHWC). On the CPU, nets
+    whose convolutions after the first all read at least MIN_NHWC_CHANNELS channels (the
+    first reads the 3 image channels in any net). Only the batches change layout: the
+    model's weights stay NCHW, so state dicts, checkpoints and pruning see plain tensors
+    (torch's global pruning flattens weights with `view(-1)`, which NHWC weights refuse).
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs or device.type not in ("cpu", "cuda"):
+        return torch.contiguous_format
+    if device.type == "cpu" and any(c.in_channels < MIN_NHWC_CHANNELS for c in convs[1:]):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile(model)` when enabled, else the model itself.
+
+    The compiled wrapper shares the model's parameters; keep using the original module for
+    state dicts, checkpoints and pruning (the wrapper's keys carry an `_orig_mod.` prefix,
+    and pruning's reparametrisation needs a fresh compile anyway).
+    """
+    return torch.compile(model) if enabled else model
