@@ -1,0 +1,207 @@
+"""Speed settings keep the numbers: precision, channels_last batches, compile, threads.
+
+Nothing here times anything (speed figures live in docs/benchmarks.md, from
+scripts/bench.py); these tests check that the fast paths compute what the plain ones do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from cifar_run import accel, data
+from cifar_run.config import validate
+from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
+from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.errors import UserError
+from cifar_run.loader import DeviceLoader
+from cifar_run.models import build_model
+from cifar_run.models.lenet import LeNet5
+from cifar_run.run import run
+
+from .conftest import TEST_DATA, TINY, compose_cfg
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> data.ArraySplit:
+    """The committed training images (300 real CIFAR-10 JPEGs, 30 per class)."""
+    train, _, _ = data.load_imagefolder(TEST_DATA)
+    return train
+
+
+def _train_losses(split: data.ArraySplit, autocast: torch.dtype | None, epochs: int) -> list:
+    torch.manual_seed(0)
+    model = LeNet5()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = DeviceLoader(
+        split, 32, device=CPU, mean=CIFAR10_MEAN, std=CIFAR10_STD, shuffle=True, seed=0
+    )
+    loss = nn.CrossEntropyLoss()
+    return [
+        train_one_epoch(model, batches, optimizer, loss, device=CPU, autocast=autocast).loss
+        for _ in range(epochs)
+    ]
+
+
+def test_fp32_and_bf16_runs_of_one_seed_reach_similar_loss(tiny: data.ArraySplit) -> None:
+    fp32 = _train_losses(tiny, None, epochs=8)
+    bf16 = _train_losses(tiny, torch.bfloat16, epochs=8)
+    assert fp32[-1] < fp32[0] - 0.3  # both actually learned something...
+    assert bf16[-1] < bf16[0] - 0.3
+    assert abs(fp32[-1] - bf16[-1]) < 0.1 * fp32[-1]  # ...and about the same
+    assert fp32 != bf16  # bf16 really ran: its rounding moves the numbers a little
+
+
+def test_fp16_with_grad_scaler_trains(tiny: data.ArraySplit) -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precision = accel.resolve_precision("fp16", CPU)
+    scaler = precision.scaler(CPU)
+    assert precision.dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+    batches = DeviceLoader(
+        tiny, 32, device=CPU, mean=CIFAR10_MEAN, std=CIFAR10_STD, shuffle=True, seed=0
+    )
+    loss = nn.CrossEntropyLoss()
+    stats = [
+        train_one_epoch(
+            model, batches, optimizer, loss, device=CPU, autocast=torch.float16, scaler=scaler
+        )
+        for _ in range(4)
+    ]
+    # The scaler skips the first steps while it finds a scale that does not overflow.
+    assert stats[-1].loss < stats[0].loss - 0.1
+    assert scaler.get_scale() > 1  # the loss really was scaled
+
+
+def test_evaluate_under_autocast_matches_fp32(tiny: data.ArraySplit) -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    batches = DeviceLoader(tiny, 100, device=CPU, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    fp32 = evaluate(model, batches, nn.CrossEntropyLoss(), device=CPU)
+    bf16 = evaluate(model, batches, nn.CrossEntropyLoss(), device=CPU, autocast=torch.bfloat16)
+    assert abs(fp32.loss - bf16.loss) < 0.01 and bf16.images == fp32.images == 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The device-resident pipeline against the reference one
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """What a torchvision-style script does: PIL image per item, ToTensor, Normalize."""
+
+    def __init__(self, split: data.ArraySplit) -> None:
+        import torchvision.transforms as T
+
+        self.images = split.images.permute(0, 2, 3, 1).numpy()
+        self.labels = split.labels
+        self.transform = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_device_batches_equal_the_reference_pipeline_in_order_and_content(
+    tiny: data.ArraySplit, fmt: torch.memory_format
+) -> None:
+    ours = DeviceLoader(
+        tiny,
+        32,
+        device=CPU,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        shuffle=True,
+        seed=7,
+        memory_format=fmt,
+    )
+    sampler = BatchSampler(
+        RandomSampler(range(len(tiny)), generator=torch.Generator().manual_seed(7)), 32, False
+    )
+    reference = DataLoader(_PILDataset(tiny), batch_sampler=sampler)
+    for _ in range(2):  # two epochs: both generators advance alike
+        batches = 0
+        for (x, y), (x_ref, y_ref) in zip(ours, reference, strict=True):
+            assert torch.equal(y, y_ref)
+            assert x.is_contiguous(memory_format=fmt)
+            assert torch.allclose(x, x_ref, atol=1e-5)  # same pixels, same normalization
+            batches += 1
+        assert batches == len(ours) == 10
+
+
+def test_channels_last_only_for_nets_with_wide_convolutions() -> None:
+    lenet = build_model(compose_cfg().model)
+    resnet = build_model(compose_cfg(["model=resnet18"]).model)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
+    assert accel.memory_format(lenet, CPU) == torch.contiguous_format  # 3 and 6 channels
+    assert accel.memory_format(resnet, CPU) == torch.channels_last
+    assert accel.memory_format(mlp, CPU) == torch.contiguous_format
+    assert accel.memory_format(lenet, torch.device("cuda")) == torch.channels_last
+
+
+# ---------------------------------------------------------------------------------------------
+# The keys
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(
+    has_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accel, "cpu_has_bf16", lambda: has_bf16)
+    auto = accel.resolve_precision("auto", CPU)
+    assert auto.name == ("bf16" if has_bf16 else "fp32")
+    assert auto.dtype == (torch.bfloat16 if has_bf16 else None)
+    assert auto.scaler(CPU) is None
+    assert accel.resolve_precision("fp32", CPU).dtype is None  # explicit values stay as given
+    assert accel.resolve_precision("bf16", CPU).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("precision=bf8", "precision=bf8: unknown; allowed: auto, fp32, bf16, fp16"),
+        ("precision=true", "precision=True"),
+        ("compile=yes", "compile=yes: must be true or false"),
+        ("threads=0", "threads=0: must be a positive integer"),
+    ],
+)
+def test_bad_speed_keys_are_one_line_naming_them(override: str, named: str) -> None:
+    with pytest.raises(UserError, match=named.replace("(", r"\(")) as info:
+        validate(compose_cfg([*TINY, override]))
+    assert "\n" not in str(info.value)
+
+
+def test_threads_key_sets_torch_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert accel.set_threads(1) == 1 == torch.get_num_threads()
+        assert accel.set_threads(None) == 1  # null leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_records_the_resolved_precision(tmp_path: Path) -> None:
+    results = run(compose_cfg([*TINY, "precision=bf16"]), tmp_path / "run")
+    assert results["status"] == "completed" and results["precision"] == "bf16"
+    assert 0 <= results["test_acc"] <= 100
+
+
+@pytest.mark.slow
+def test_compile_true_trains_on_cpu_and_saves_the_plain_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = run(compose_cfg([*TINY, "compile=true", "precision=fp32"]), out)
+    assert results["status"] == "completed" and 0 <= results["test_acc"] <= 100
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state)  # the uncompiled module's keys
+    LeNet5().load_state_dict(state)  # and it loads into a plain model
+    assert all(v.is_contiguous() for v in state.values())  # plain NCHW tensors
