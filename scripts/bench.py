@@ -1,0 +1,426 @@
+"""cifar-run against the training loop people write themselves: images/s and accuracy.
+
+For a config given as cifar-run overrides, the script trains two ways, in alternation
+(ours, reference, reference, ours, ...) so that load from other jobs on a shared machine hits
+both alike, for --repeats rounds of `epochs` epochs each:
+
+  ours       cifar-run's pipeline: the data as one uint8 tensor, batches gathered,
+             augmented and normalized by DeviceLoader, train_one_epoch with the config's
+             `precision`, channels_last batches for conv nets, `compile` (cifar_run.accel).
+  reference  the plain PyTorch loop: a torchvision-style Dataset turning each uint8 image
+             into a PIL image and applying torchvision transforms (RandomCrop(32, padding)
+             and RandomHorizontalFlip when augment=standard, then ToTensor and Normalize),
+             a DataLoader with 2 workers, an fp32 model, `loss.item()` per step.
+
+Both arms get the same model (built from the config, same seed, same initial weights), the
+same data and split, batch size, optimizer, learning-rate schedule and normalization, and
+the same torch threads (one process). Each round uses seed `seed + round`, so the spread of
+accuracies over rounds shows the noise. Reported: training images/s of every round (the
+epochs' training time only, no evaluation), the medians, the median of the per-round ratios
+ours/reference, and the test accuracy of each arm after the epochs (the last epoch's
+weights; no validation-based selection, so the two are compared like with like).
+
+With --flops it also counts the model's FLOPs per image (torch.utils.flop_counter: forward,
+and forward + backward as trained), times large fp32 and bf16 matrix multiplies as the
+machine's ceiling, and prints the achieved FLOP/s of each arm against it.
+
+Examples (the figures in docs/benchmarks.md):
+    PYTHONPATH=src python scripts/bench.py --repeats 3 --flops experiment=report000 \\
+        prune=0 data=imagefolder data.root=../shared/data/cifar10-jpeg
+    PYTHONPATH=src python scripts/bench.py --repeats 3 --max-steps 30 --flops \\
+        model=resnet18 augment=standard batch_size=128 epochs=1 \\
+        data=imagefolder data.root=../shared/data/cifar10-jpeg
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from cifar_run.constants import OPENMP_ENV  # torch-free
+
+for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cifar_run import accel  # noqa: E402
+from cifar_run.augment import build_augment, normalization  # noqa: E402
+from cifar_run.cli import CONF_DIR  # noqa: E402
+from cifar_run.config import validate  # noqa: E402
+from cifar_run.data import ArraySplit, Splits, load_data  # noqa: E402
+from cifar_run.engine import evaluate, train_one_epoch  # noqa: E402
+from cifar_run.loader import DeviceLoader  # noqa: E402
+from cifar_run.models import build_model  # noqa: E402
+from cifar_run.optim import build_optimizer, build_scheduler  # noqa: E402
+from cifar_run.run import EVAL_BATCH_SIZE, seed_everything  # noqa: E402
+
+REFERENCE_WORKERS = 2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="cifar-run overrides, e.g. model=resnet18 batch_size=128"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both arms (default 3)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop each epoch after this many steps: a throughput measurement only, the test "
+        "set is then not evaluated",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="time ours only")
+    parser.add_argument(
+        "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
+    )
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and data
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["device=cpu", *overrides])
+    with open_dict(cfg):
+        cfg.prune = 0.0  # the bench times training; a pruning stage is not part of it
+    validate(cfg)
+    if cfg.augment.name not in ("none", "standard"):
+        raise SystemExit(f"bench.py: augment={cfg.augment.name}: the reference has none|standard")
+    if cfg.sched.get("monitor") is not None:
+        raise SystemExit(f"bench.py: sched={cfg.sched.name}: plateau schedules need validation")
+    return cfg
+
+
+def load_splits(cfg: DictConfig) -> Splits:
+    d = cfg.data
+    return load_data(
+        d.name,
+        d.root,
+        val_size=d.val_size,
+        subset=d.subset,
+        split_seed=d.split_seed,
+        cache_dir=d.cache_dir,
+        download=d.download,
+    )
+
+
+@dataclass
+class ArmResult:
+    images_per_s: float
+    test_acc: float
+    train_loss: float
+    epoch_rates: list[float] = field(default_factory=list)
+
+
+def _limited(batches: Iterable, max_steps: int | None) -> Iterable:
+    if max_steps is None:
+        return batches
+
+    def gen() -> Iterator:
+        for i, batch in enumerate(batches):
+            if i >= max_steps:
+                break
+            yield batch
+
+    return gen()
+
+
+def _steps(n: int, batch_size: int, max_steps: int | None) -> int:
+    steps = math.ceil(n / batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours: the pieces run.py composes
+
+
+def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+    device = torch.device("cpu")
+    seed_everything(seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    precision = accel.resolve_precision(cfg.precision, device)
+    scaler = precision.scaler(device)
+    net = accel.compiled(model, cfg.compile)
+    mean, std = normalization(cfg.augment.normalize, splits.train.images)
+    norm = {
+        "device": device,
+        "mean": mean,
+        "std": std,
+        "memory_format": accel.memory_format(model, device),
+    }
+    train = DeviceLoader(
+        splits.train,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed,
+        augment=build_augment(cfg.augment),
+        **norm,
+    )
+    test = DeviceLoader(splits.test, EVAL_BATCH_SIZE, **norm)
+    schedule = build_scheduler(
+        cfg.sched,
+        optimizer,
+        epochs=cfg.epochs,
+        steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
+    rates, images, seconds, loss = [], 0, 0.0, math.nan
+    for _ in range(cfg.epochs):
+        stats = train_one_epoch(
+            net,
+            _limited(train, max_steps),
+            optimizer,
+            criterion,
+            device=device,
+            step_scheduler=schedule.step_batch,
+            desc="ours",
+            autocast=precision.dtype,
+            scaler=scaler,
+        )
+        schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
+        rates.append(stats.images / stats.seconds)
+        images, seconds, loss = images + stats.images, seconds + stats.seconds, stats.loss
+    acc = math.nan
+    if max_steps is None:
+        acc = evaluate(net, test, nn.CrossEntropyLoss(), device=device, autocast=precision.dtype)
+        acc = acc.acc
+    return ArmResult(images / seconds, acc, loss, rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: what a plain PyTorch script does
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """torchvision's CIFAR10 way: one uint8 HWC array per image, a PIL image per item."""
+
+    def __init__(self, split: ArraySplit, transform: nn.Module) -> None:
+        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN001, ANN201
+    import torchvision.transforms as T
+
+    steps = []
+    if train and cfg.augment.name == "standard":
+        if cfg.augment.padding > 0:
+            steps.append(T.RandomCrop(32, padding=cfg.augment.padding))
+        steps.append(T.RandomHorizontalFlip(p=cfg.augment.flip))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+    from torch.utils.data import DataLoader
+
+    seed_everything(seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    mean, std = normalization(cfg.augment.normalize, splits.train.images)
+    train_loader = DataLoader(
+        PILDataset(splits.train, reference_transforms(cfg, mean, std, train=True)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=REFERENCE_WORKERS,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test_loader = DataLoader(
+        PILDataset(splits.test, reference_transforms(cfg, mean, std, train=False)),
+        batch_size=EVAL_BATCH_SIZE,
+        num_workers=REFERENCE_WORKERS,
+    )
+    schedule = build_scheduler(
+        cfg.sched,
+        optimizer,
+        epochs=cfg.epochs,
+        steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
+    rates, images, seconds, loss = [], 0, 0.0, math.nan
+    for _ in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        n, running = 0, 0.0
+        for step, (x, y) in enumerate(train_loader):
+            if max_steps is not None and step >= max_steps:
+                break
+            out = model(x)
+            batch_loss = criterion(out, y)
+            optimizer.zero_grad()
+            batch_loss.backward()
+            optimizer.step()
+            if schedule.step_batch is not None:
+                schedule.step_batch()
+            running += batch_loss.item() * len(y)
+            n += len(y)
+        dt = time.perf_counter() - t0
+        schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
+        rates.append(n / dt)
+        images, seconds, loss = images + n, seconds + dt, running / n
+    if max_steps is not None:
+        return ArmResult(images / seconds, math.nan, loss, rates)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in test_loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return ArmResult(images / seconds, 100.0 * correct / total, loss, rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_image(cfg: DictConfig, batch: int = 32) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per image of the model in training mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(cfg.model)
+    x = torch.randn(batch, 3, 32, 32)
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x)
+    with FlopCounterMode(display=False) as bwd:
+        out.sum().backward()
+    f, b = fwd.get_total_flops(), bwd.get_total_flops()
+    return f / batch, (f + b) / batch
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """The best FLOP/s of an n x n matrix multiply in `dtype` over a few tries."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = compose_cfg(args.overrides)
+    threads = accel.set_threads(cfg.get("threads"))
+    precision = accel.resolve_precision(cfg.precision, torch.device("cpu"))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {_load_average()}"
+    )
+    print(
+        f"config: model={cfg.model.name} batch_size={cfg.batch_size} epochs={cfg.epochs} "
+        f"augment={cfg.augment.name} optim={cfg.optim.name} lr={cfg.lr} sched={cfg.sched.name} "
+        f"precision={cfg.precision} ({precision.name}) compile={cfg.compile}"
+        + (f" max_steps={args.max_steps}" if args.max_steps else "")
+    )
+    t = time.perf_counter()
+    splits = load_splits(cfg)
+    print(
+        f"data: {len(splits.train)} train / {len(splits.test)} test images "
+        f"({time.perf_counter() - t:.1f} s)",
+        flush=True,
+    )
+
+    ours: list[ArmResult] = []
+    refs: list[ArmResult] = []
+    for r in range(args.repeats):
+        seed = cfg.seed + r
+        arms = ["ours", "reference"] if r % 2 == 0 else ["reference", "ours"]
+        for arm in arms:
+            if arm == "reference" and args.no_reference:
+                continue
+            train = train_ours if arm == "ours" else train_reference
+            res = train(cfg, splits, seed, args.max_steps)
+            (ours if arm == "ours" else refs).append(res)
+            print(
+                f"round {r + 1} seed {seed} {arm:9s}: {res.images_per_s:8.1f} images/s "
+                f"(epochs: {', '.join(f'{x:.0f}' for x in res.epoch_rates)}), "
+                f"train loss {res.train_loss:.4f}, test acc {res.test_acc:.2f}%  "
+                f"[load {_load_average()}]",
+                flush=True,
+            )
+
+    def med(results: list[ArmResult], attr: str) -> float:
+        return statistics.median(getattr(x, attr) for x in results)
+
+    print("\nsummary (medians over rounds)")
+    print(
+        f"  ours      {med(ours, 'images_per_s'):8.1f} images/s, test acc "
+        f"{med(ours, 'test_acc'):.2f}% (rounds: "
+        f"{', '.join(f'{x.test_acc:.2f}' for x in ours)})"
+    )
+    if refs:
+        ratios = [o.images_per_s / f.images_per_s for o, f in zip(ours, refs, strict=True)]
+        print(
+            f"  reference {med(refs, 'images_per_s'):8.1f} images/s, test acc "
+            f"{med(refs, 'test_acc'):.2f}% (rounds: "
+            f"{', '.join(f'{x.test_acc:.2f}' for x in refs)})"
+        )
+        print(
+            f"  ratio ours/reference: median {statistics.median(ratios):.2f}x "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
+
+    if args.flops:
+        fwd, train = flops_per_image(cfg)
+        ceilings = {
+            name: matmul_ceiling(dt)
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+        print(
+            f"\nFLOPs per image: forward {fwd / 1e6:.2f} M, training (forward + backward) "
+            f"{train / 1e6:.2f} M ({train / fwd:.2f}x forward)"
+        )
+        print(
+            "matmul ceiling (2048 x 2048, best of 10): "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceilings.items())
+        )
+        arms = [("ours", ours, precision.name if precision.name != "fp16" else "fp32")]
+        if refs:
+            arms.append(("reference", refs, "fp32"))
+        for name, results, kind in arms:
+            achieved = med(results, "images_per_s") * train
+            print(
+                f"  {name:9s} achieved {achieved / 1e9:7.1f} GFLOP/s = "
+                f"{100 * achieved / ceilings[kind]:.1f}% of the {kind} matmul ceiling"
+            )
+
+
+if __name__ == "__main__":
+    main()
