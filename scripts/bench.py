@@ -38,6 +38,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -125,6 +126,17 @@ class ArmResult:
     test_acc: float
     train_loss: float
     epoch_rates: list[float] = field(default_factory=list)
+    cpu_ms_per_image: float = math.nan  # CPU time of every process and thread of the arm
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the
+    DataLoader workers, which exit at the end of each epoch)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _limited(batches: Iterable, max_steps: int | None) -> Iterable:
@@ -156,6 +168,7 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     precision = accel.resolve_precision(cfg.precision, device)
     scaler = precision.scaler(device)
+    accel.tap_conv_grads(model, device)
     net = accel.compiled(model, cfg.compile)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {
@@ -181,6 +194,7 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     rates, images, seconds, loss = [], 0, 0.0, math.nan
+    cpu = cpu_seconds()
     for _ in range(cfg.epochs):
         stats = train_one_epoch(
             net,
@@ -196,11 +210,12 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(stats.images / stats.seconds)
         images, seconds, loss = images + stats.images, seconds + stats.seconds, stats.loss
+    cpu = cpu_seconds() - cpu
     acc = math.nan
     if max_steps is None:
         acc = evaluate(net, test, nn.CrossEntropyLoss(), device=device, autocast=precision.dtype)
         acc = acc.acc
-    return ArmResult(images / seconds, acc, loss, rates)
+    return ArmResult(images / seconds, acc, loss, rates, 1e3 * cpu / images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +277,7 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     rates, images, seconds, loss = [], 0, 0.0, math.nan
+    cpu = cpu_seconds()
     for _ in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -282,15 +298,16 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(n / dt)
         images, seconds, loss = images + n, seconds + dt, running / n
+    cpu_ms = 1e3 * (cpu_seconds() - cpu) / images
     if max_steps is not None:
-        return ArmResult(images / seconds, math.nan, loss, rates)
+        return ArmResult(images / seconds, math.nan, loss, rates, cpu_ms)
     model.eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in test_loader:
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
-    return ArmResult(images / seconds, 100.0 * correct / total, loss, rates)
+    return ArmResult(images / seconds, 100.0 * correct / total, loss, rates, cpu_ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +388,7 @@ def main() -> None:
             print(
                 f"round {r + 1} seed {seed} {arm:9s}: {res.images_per_s:8.1f} images/s "
                 f"(epochs: {', '.join(f'{x:.0f}' for x in res.epoch_rates)}), "
+                f"{res.cpu_ms_per_image:.3f} CPU ms/image, "
                 f"train loss {res.train_loss:.4f}, test acc {res.test_acc:.2f}%  "
                 f"[load {_load_average()}]",
                 flush=True,
@@ -395,6 +413,13 @@ def main() -> None:
         print(
             f"  ratio ours/reference: median {statistics.median(ratios):.2f}x "
             f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
+        # CPU time per image does not depend on how much of the machine other jobs take.
+        cpu = [f.cpu_ms_per_image / o.cpu_ms_per_image for o, f in zip(ours, refs, strict=True)]
+        print(
+            f"  CPU time per image: ours {med(ours, 'cpu_ms_per_image'):.3f} ms, reference "
+            f"{med(refs, 'cpu_ms_per_image'):.3f} ms (main process and workers); reference/ours "
+            f"median {statistics.median(cpu):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in cpu)})"
         )
 
     if args.flops:

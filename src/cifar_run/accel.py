@@ -1,4 +1,5 @@
-"""Speed settings: CPU threads, mixed precision, memory format and torch.compile.
+"""Speed settings: CPU threads, mixed precision, memory format, convolution weight gradients
+and torch.compile.
 
 Plain values in, torch objects out; run.py and scripts/bench.py read the config and call
 these, so the CLI and the benchmark train the same way. The rules, and the measurements
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from cifar_run.constants import PRECISIONS
+from cifar_run.conv_grad import use_tap_weight_grads
 from cifar_run.errors import UserError
 
 
@@ -105,6 +107,14 @@ def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format
     if device.type == "cpu" and any(c.in_channels < MIN_NHWC_CHANNELS for c in convs[1:]):
         return torch.contiguous_format
     return torch.channels_last
+
+
+def tap_conv_grads(model: nn.Module, device: torch.device) -> int:
+    """On the CPU, let the model's convolutions compute their weight gradients on small
+    feature maps as matrix multiplies where that is faster (cifar_run.conv_grad: ResNet-18
+    trained 1.28x faster in bf16). Parameters and state dict are unchanged. Returns how
+    many convolutions may take that route."""
+    return use_tap_weight_grads(model) if device.type == "cpu" else 0
 
 
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:
