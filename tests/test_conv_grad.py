@@ -24,7 +24,8 @@ SHAPES = [  # in, out, map size, kernel, stride, padding: ResNet-18's small-map 
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize(("cin", "cout", "size", "k", "stride", "pad"), SHAPES)
@@ -55,14 +56,38 @@ def _pair(cin: int, cout: int, k: int, stride: int, pad: int) -> tuple[nn.Conv2d
     return plain, taps
 
 
-def test_tap_conv_under_bf16_autocast_takes_the_tap_route_and_matches_conv2d(
+@pytest.mark.parametrize(
+    ("cin", "cout", "size", "k", "stride", "pad"),
+    [
+        (3, 8, 9, 3, 1, 1),
+        (4, 6, 8, 3, 2, 1),
+        (5, 7, 6, 1, 2, 0),
+        (4, 4, 5, 5, 1, 2),
+        (2, 3, 7, 3, 2, 0),
+    ],
+)
+def test_gemm_convolution_equals_conv2d_with_its_gradients(
+    cin: int, cout: int, size: int, k: int, stride: int, pad: int
+) -> None:
+    """The whole convolution as matrix multiplies, in fp64, any stride/padding/kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(3, cin, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin, k, k, dtype=torch.float64, requires_grad=True)
+    s, p = (stride, stride), (pad, pad)
+    assert torch.autograd.gradcheck(lambda a, b: conv_grad._GemmConv.apply(a, b, s, p), (x, w))
+    want = torch.nn.functional.conv2d(x, w, None, s, p)
+    got = conv_grad._GemmConv.apply(x, w, s, p)
+    torch.testing.assert_close(got, want)
+
+
+def test_tap_conv_on_8x8_maps_takes_the_tap_route_and_matches_conv2d(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = []
     real = conv_grad.tap_weight_grad
     monkeypatch.setattr(conv_grad, "tap_weight_grad", lambda *a: calls.append(1) or real(*a))
-    plain, taps = _pair(256, 512, 3, 2, 1)
-    x = torch.randn(16, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    plain, taps = _pair(128, 256, 3, 1, 1)
+    x = torch.randn(16, 128, 8, 8).contiguous(memory_format=torch.channels_last)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ya, yb = plain(xa), taps(xb)
@@ -74,6 +99,30 @@ def test_tap_conv_under_bf16_autocast_takes_the_tap_route_and_matches_conv2d(
     assert calls == [1]
     assert torch.equal(xa.grad, xb.grad)  # so is the input gradient
     assert taps.weight.grad.dtype == torch.float32  # the parameter's own dtype
+    assert _rel(taps.weight.grad, plain.weight.grad) < 1e-2
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "k", "stride", "pad"), SHAPES[2:])
+def test_tap_conv_on_4x4_outputs_runs_as_matmuls_and_matches_conv2d(
+    monkeypatch: pytest.MonkeyPatch, cin: int, cout: int, size: int, k: int, stride: int, pad: int
+) -> None:
+    calls = []
+    real = conv_grad._unfold
+    monkeypatch.setattr(conv_grad, "_unfold", lambda *a: calls.append(1) or real(*a))
+    plain, taps = _pair(cin, cout, k, stride, pad)
+    x = torch.randn(16, cin, size, size).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = plain(xa), taps(xb)
+    assert calls == [1]
+    assert yb.dtype == torch.bfloat16 and yb.shape == ya.shape
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    # bf16 results: oneDNN and the matmuls round at different places.
+    assert _rel(yb, ya) < 1e-2
+    assert _rel(xb.grad, xa.grad) < 1e-2
     assert _rel(taps.weight.grad, plain.weight.grad) < 1e-2
 
 

@@ -1,17 +1,24 @@
-"""Weight gradients of convolutions on small feature maps, computed as matrix multiplies.
+"""Convolutions on small feature maps, on the CPU, written as matrix multiplies.
 
-On the CPU, oneDNN's weight-gradient kernel is slow when the feature map is small and the
-channels many: for ResNet-18's 4x4 layers (512 channels, batch 128, bf16) it ran at about
-90 GFLOP/s, a seventh of the same machine's matrix-multiply rate, and took a third of the
-whole training step (docs/benchmarks.md, "Speed settings"). Written as one matrix multiply
-per kernel tap (the gradient for tap (i, j) is the output gradient, as an (N*Ho*Wo, O)
-matrix, times the input shifted by (i, j), as an (N*Ho*Wo, C) matrix), the same gradient
-takes a fifth of the time there. The forward pass and the input gradient stay oneDNN's.
+On the CPU, oneDNN's convolution kernels are slow when the feature map is small and the
+channels many: for ResNet-18's 4x4 layers (512 channels, batch 128, bf16) the weight
+gradient ran at about 90 GFLOP/s, a seventh of the same machine's matrix-multiply rate, and
+took a third of the whole training step; forward and input gradient ran at about 280
+(docs/benchmarks.md, "Speed settings"). As matrix multiplies they take a fifth (weight
+gradient) and three fifths (the others) of the time:
 
-`TapConv2d` is an `nn.Conv2d` with the same parameters and state dict; it takes the matmul
-route only where that was measured faster (CPU, bf16, output map of at most
-`MAX_TAP_PIXELS` pixels, at least `MIN_TAP_CHANNELS` input x output channels) and is a
-plain Conv2d elsewhere: on CUDA, in fp32 (where the two were even), without gradients.
+- maps up to `MAX_TAP_PIXELS` output pixels (8x8): the weight gradient is one multiply per
+  kernel tap (for tap (i, j): the output gradient as an (N*Ho*Wo, O) matrix times the input
+  shifted by (i, j) as an (N*Ho*Wo, C) matrix); forward and input gradient stay oneDNN's,
+  which was faster there;
+- maps up to `MAX_GEMM_PIXELS` output pixels (4x4): the whole convolution is one multiply
+  with the unfolded input (im2col, N*Ho*Wo rows of kh*kw*C), and its gradients two more,
+  the input gradient folded back tap by tap in fp32.
+
+`TapConv2d` is an `nn.Conv2d` with the same parameters and state dict; it takes these
+routes only where they were measured faster (CPU, bf16, at least `MIN_TAP_CHANNELS` input x
+output channels) and is a plain Conv2d elsewhere: on CUDA, in fp32 (where the two were
+even), without gradients.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_TAP_PIXELS = 64  # output maps up to 8x8
+MAX_TAP_PIXELS = 64  # output maps up to 8x8: weight gradient by taps
+MAX_GEMM_PIXELS = 16  # output maps up to 4x4: the whole convolution as matrix multiplies
 MIN_TAP_CHANNELS = 128 * 128  # in_channels * out_channels; 64 x 64 at 8x8 was faster in oneDNN
 
 
@@ -83,36 +91,99 @@ class _TapConv(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class TapConv2d(nn.Conv2d):
-    """nn.Conv2d whose weight gradient on small CPU feature maps is computed by taps."""
+def _unfold(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> torch.Tensor:
+    """im2col: (N*Ho*Wo, kh*kw*C), each row one output pixel's receptive field in (i, j, c)
+    order, built by one strided copy of the padded NHWC input."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    windows = xp.as_strided(
+        (n, ho, wo, kh, kw, c), (hp * wp * c, sh * wp * c, sw * c, wp * c, c, 1)
+    )
+    return windows.reshape(n * ho * wo, kh * kw * c)
 
-    def _taps_pay(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+
+class _GemmConv(torch.autograd.Function):
+    """conv2d without bias as one matrix multiply with the unfolded input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):  # noqa: ANN001, ANN205 (autograd API)
+        n, _, h, w = x.shape
+        o, c, kh, kw = weight.shape
+        (sh, sw), (ph, pw) = stride, padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        cols = _unfold(x, (kh, kw), stride, padding)
+        wmat = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+        ctx.save_for_backward(cols, weight)
+        ctx.geometry = (x.shape, stride, padding)
+        # (N*Ho*Wo, O) is NHWC: the result is a channels_last tensor, as oneDNN's would be.
+        return (cols @ wmat.t()).view(n, ho, wo, o).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        cols, weight = ctx.saved_tensors
+        (n, c, h, w), (sh, sw), (ph, pw) = ctx.geometry
+        o, _, kh, kw = weight.shape
+        ho, wo = grad_out.shape[2:]
+        g = grad_out.to(cols.dtype).permute(0, 2, 3, 1).reshape(n * ho * wo, o)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            wmat = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+            gcols = (g @ wmat).view(n, ho, wo, kh, kw, c)
+            # Fold back: each tap adds into the padded input's gradient, summed in fp32.
+            acc = torch.zeros(n, h + 2 * ph, w + 2 * pw, c, device=g.device)
+            for i in range(kh):
+                for j in range(kw):
+                    rows = slice(i, i + sh * (ho - 1) + 1, sh)
+                    cols_ = slice(j, j + sw * (wo - 1) + 1, sw)
+                    acc[:, rows, cols_, :] += gcols[:, :, :, i, j, :]
+            grad_x = acc[:, ph : ph + h, pw : pw + w, :].to(g.dtype).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ cols).view(o, kh, kw, c).permute(0, 3, 1, 2).to(weight.dtype)
+        return grad_x, grad_w, None, None
+
+
+class TapConv2d(nn.Conv2d):
+    """nn.Conv2d that runs as matrix multiplies on small CPU feature maps (module doc)."""
+
+    def _route(self, x: torch.Tensor, weight: torch.Tensor) -> type | None:
+        """_GemmConv, _TapConv, or None for oneDNN's convolution."""
         if x.device.type != "cpu" or x.dim() != 4 or not torch.is_grad_enabled():
-            return False
+            return None
         if _compute_dtype(x) != torch.bfloat16:
-            return False
+            return None
         if not weight.requires_grad or self.bias is not None or self.groups != 1:
-            return False
+            return None
         if self.dilation != (1, 1) or self.padding_mode != "zeros":
-            return False
+            return None
         if not isinstance(self.padding, tuple):  # "same" / "valid" strings
-            return False
+            return None
         if self.in_channels * self.out_channels < MIN_TAP_CHANNELS:
-            return False
+            return None
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         ho = (x.shape[2] + 2 * ph - kh) // sh + 1
         wo = (x.shape[3] + 2 * pw - kw) // sw + 1
-        return ho * wo <= MAX_TAP_PIXELS
+        if ho * wo <= MAX_GEMM_PIXELS:
+            return _GemmConv
+        return _TapConv if ho * wo <= MAX_TAP_PIXELS else None
 
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if not self._taps_pay(input, weight):
+        route = self._route(input, weight)
+        if route is None:
             return super()._conv_forward(input, weight, bias)
         # A custom Function sees its inputs as given: cast them as autocast would cast the
         # convolution's, so that the backward runs in the same dtype.
         dtype = _compute_dtype(input)
-        return _TapConv.apply(input.to(dtype), weight.to(dtype), self.stride, self.padding)
+        return route.apply(input.to(dtype), weight.to(dtype), self.stride, self.padding)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
