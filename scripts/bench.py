@@ -168,7 +168,7 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     precision = accel.resolve_precision(cfg.precision, device)
     scaler = precision.scaler(device)
-    accel.tap_conv_grads(model, device)
+    accel.tap_conv_grads(model, device, compile=cfg.compile)
     net = accel.compiled(model, cfg.compile)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {

@@ -184,7 +184,9 @@ def test_global_pruning_works_on_tap_convolutions() -> None:
     assert torch.any(taps.weight_orig.grad[~masked] != 0)
 
 
-def test_cuda_models_are_left_alone() -> None:
+def test_cuda_models_and_compiled_runs_are_left_alone() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3))
     assert accel.tap_conv_grads(net, torch.device("cuda")) == 0
+    assert accel.tap_conv_grads(net, torch.device("cpu"), compile=True) == 0
     assert type(net[0]) is nn.Conv2d
+    assert accel.tap_conv_grads(net, torch.device("cpu")) == 1

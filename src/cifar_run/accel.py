@@ -109,12 +109,18 @@ def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format
     return torch.channels_last
 
 
-def tap_conv_grads(model: nn.Module, device: torch.device) -> int:
-    """On the CPU, let the model's convolutions compute their weight gradients on small
-    feature maps as matrix multiplies where that is faster (cifar_run.conv_grad: ResNet-18
-    trained 1.28x faster in bf16). Parameters and state dict are unchanged. Returns how
-    many convolutions may take that route."""
-    return use_tap_weight_grads(model) if device.type == "cpu" else 0
+def tap_conv_grads(model: nn.Module, device: torch.device, compile: bool = False) -> int:
+    """On the CPU, let the model's convolutions run as matrix multiplies on small feature
+    maps where that is faster (cifar_run.conv_grad: a ResNet-18 step 1.4-1.5x faster in
+    bf16). Parameters and state dict are unchanged. Returns how many convolutions may take
+    that route.
+
+    Not under `compile`: dynamo traces the custom autograd Functions, which made compiling
+    ResNet-9 take 210 s instead of 30 s (docs/benchmarks.md).
+    """
+    if device.type != "cpu" or compile:
+        return 0
+    return use_tap_weight_grads(model)
 
 
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:

@@ -217,7 +217,7 @@ def _train(
     # channels_last batches are enough for the convolutions to run NHWC.
     precision = accel.resolve_precision(cfg.precision, device)
     scaler = precision.scaler(device)
-    accel.tap_conv_grads(model, device)
+    accel.tap_conv_grads(model, device, compile=cfg.compile)
     net = accel.compiled(model, cfg.compile)  # `model` stays the one to save and prune
     amp = {"autocast": precision.dtype}
     log.info(
