@@ -32,6 +32,21 @@ MAX_GEMM_PIXELS = 16  # output maps up to 4x4: the whole convolution as matrix m
 MIN_TAP_CHANNELS = 128 * 128  # in_channels * out_channels; 64 x 64 at 8x8 was faster in oneDNN
 
 
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _tap(start: int, count: int, stride: int) -> slice:
+    """The `count` input positions that kernel offset `start` meets along one axis."""
+    return slice(start, start + stride * (count - 1) + 1, stride)
+
+
+def _padded_nhwc(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """x zero-padded, as an NHWC view (free for channels_last tensors)."""
+    ph, pw = padding
+    return F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)
+
+
 def tap_weight_grad(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -44,14 +59,13 @@ def tap_weight_grad(
     Returns an (O, C, kh, kw) tensor in channels_last strides."""
     n, o, ho, wo = grad_out.shape
     c = x.shape[1]
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    # NHWC views: free for channels_last tensors, and the per-tap slices below copy anyway.
-    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)
+    (kh, kw), (sh, sw) = kernel, stride
+    xp = _padded_nhwc(x, padding)  # a view: the per-tap slices below copy anyway
     g = grad_out.permute(0, 2, 3, 1).reshape(n * ho * wo, o).t()
     out = torch.empty(o, kh, kw, c, dtype=grad_out.dtype, device=grad_out.device)
     for i in range(kh):
         for j in range(kw):
-            tap = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+            tap = xp[:, _tap(i, ho, sh), _tap(j, wo, sw), :]
             torch.mm(g, tap.reshape(n * ho * wo, c), out=out[:, i, j, :])
     return out.permute(0, 3, 1, 2)
 
@@ -101,9 +115,9 @@ def _unfold(
     order, built by one strided copy of the padded NHWC input."""
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()
+    xp = _padded_nhwc(x, padding).contiguous()
     hp, wp = h + 2 * ph, w + 2 * pw
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
     windows = xp.as_strided(
         (n, ho, wo, kh, kw, c), (hp * wp * c, sh * wp * c, sw * c, wp * c, c, 1)
     )
@@ -118,35 +132,32 @@ class _GemmConv(torch.autograd.Function):
         n, _, h, w = x.shape
         o, c, kh, kw = weight.shape
         (sh, sw), (ph, pw) = stride, padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
         cols = _unfold(x, (kh, kw), stride, padding)
-        wmat = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
-        ctx.save_for_backward(cols, weight)
-        ctx.geometry = (x.shape, stride, padding)
+        wmat = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # (O, kh*kw*C), like cols
+        ctx.save_for_backward(cols, wmat)
+        ctx.geometry = (x.shape, (kh, kw), stride, padding)
         # (N*Ho*Wo, O) is NHWC: the result is a channels_last tensor, as oneDNN's would be.
         return (cols @ wmat.t()).view(n, ho, wo, o).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        cols, weight = ctx.saved_tensors
-        (n, c, h, w), (sh, sw), (ph, pw) = ctx.geometry
-        o, _, kh, kw = weight.shape
+        cols, wmat = ctx.saved_tensors
+        (n, c, h, w), (kh, kw), (sh, sw), (ph, pw) = ctx.geometry
+        o = wmat.shape[0]
         ho, wo = grad_out.shape[2:]
         g = grad_out.to(cols.dtype).permute(0, 2, 3, 1).reshape(n * ho * wo, o)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            wmat = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
             gcols = (g @ wmat).view(n, ho, wo, kh, kw, c)
             # Fold back: each tap adds into the padded input's gradient, summed in fp32.
             acc = torch.zeros(n, h + 2 * ph, w + 2 * pw, c, device=g.device)
             for i in range(kh):
                 for j in range(kw):
-                    rows = slice(i, i + sh * (ho - 1) + 1, sh)
-                    cols_ = slice(j, j + sw * (wo - 1) + 1, sw)
-                    acc[:, rows, cols_, :] += gcols[:, :, :, i, j, :]
+                    acc[:, _tap(i, ho, sh), _tap(j, wo, sw), :] += gcols[:, :, :, i, j, :]
             grad_x = acc[:, ph : ph + h, pw : pw + w, :].to(g.dtype).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ cols).view(o, kh, kw, c).permute(0, 3, 1, 2).to(weight.dtype)
+            grad_w = (g.t() @ cols).view(o, kh, kw, c).permute(0, 3, 1, 2).to(wmat.dtype)
         return grad_x, grad_w, None, None
 
 
@@ -168,8 +179,7 @@ class TapConv2d(nn.Conv2d):
         if self.in_channels * self.out_channels < MIN_TAP_CHANNELS:
             return None
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho = (x.shape[2] + 2 * ph - kh) // sh + 1
-        wo = (x.shape[3] + 2 * pw - kw) // sw + 1
+        ho, wo = _out_size(x.shape[2], kh, sh, ph), _out_size(x.shape[3], kw, sw, pw)
         if ho * wo <= MAX_GEMM_PIXELS:
             return _GemmConv
         return _TapConv if ho * wo <= MAX_TAP_PIXELS else None
