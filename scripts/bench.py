@@ -58,12 +58,12 @@ from cifar_run import accel  # noqa: E402
 from cifar_run.augment import build_augment, normalization  # noqa: E402
 from cifar_run.cli import CONF_DIR  # noqa: E402
 from cifar_run.config import validate  # noqa: E402
-from cifar_run.data import ArraySplit, Splits, load_data  # noqa: E402
+from cifar_run.data import ArraySplit, Splits  # noqa: E402
 from cifar_run.engine import evaluate, train_one_epoch  # noqa: E402
 from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
-from cifar_run.optim import build_optimizer, build_scheduler  # noqa: E402
-from cifar_run.run import EVAL_BATCH_SIZE, seed_everything  # noqa: E402
+from cifar_run.optim import Schedule, build_optimizer, build_scheduler  # noqa: E402
+from cifar_run.run import EVAL_BATCH_SIZE, load_splits, seed_everything  # noqa: E402
 
 REFERENCE_WORKERS = 2
 
@@ -107,19 +107,6 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def load_splits(cfg: DictConfig) -> Splits:
-    d = cfg.data
-    return load_data(
-        d.name,
-        d.root,
-        val_size=d.val_size,
-        subset=d.subset,
-        split_seed=d.split_seed,
-        cache_dir=d.cache_dir,
-        download=d.download,
-    )
-
-
 @dataclass
 class ArmResult:
     images_per_s: float
@@ -157,15 +144,40 @@ def _steps(n: int, batch_size: int, max_steps: int | None) -> int:
     return steps if max_steps is None else min(steps, max_steps)
 
 
+@dataclass
+class Training:
+    """What both arms share, built in one place so that they cannot drift apart."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    criterion: nn.Module
+
+
+def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> Training:
+    """The round's seed, then model (same initial weights for both arms), optimizer,
+    learning-rate schedule and training loss."""
+    seed_everything(seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    schedule = build_scheduler(
+        cfg.sched,
+        optimizer,
+        epochs=cfg.epochs,
+        steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
+    return Training(model, optimizer, schedule, criterion)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ours: the pieces run.py composes
 
 
 def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     device = torch.device("cpu")
-    seed_everything(seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    t = shared_training(cfg, splits, seed, max_steps)
+    model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
     precision = accel.resolve_precision(cfg.precision, device)
     scaler = precision.scaler(device)
     accel.tap_conv_grads(model, device, compile=cfg.compile)
@@ -186,13 +198,6 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
         **norm,
     )
     test = DeviceLoader(splits.test, EVAL_BATCH_SIZE, **norm)
-    schedule = build_scheduler(
-        cfg.sched,
-        optimizer,
-        epochs=cfg.epochs,
-        steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     rates, images, seconds, loss = [], 0, 0.0, math.nan
     cpu = cpu_seconds()
     for _ in range(cfg.epochs):
@@ -253,9 +258,8 @@ def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN0
 def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     from torch.utils.data import DataLoader
 
-    seed_everything(seed)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    t = shared_training(cfg, splits, seed, max_steps)
+    model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     train_loader = DataLoader(
         PILDataset(splits.train, reference_transforms(cfg, mean, std, train=True)),
@@ -269,13 +273,6 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
         batch_size=EVAL_BATCH_SIZE,
         num_workers=REFERENCE_WORKERS,
     )
-    schedule = build_scheduler(
-        cfg.sched,
-        optimizer,
-        epochs=cfg.epochs,
-        steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     rates, images, seconds, loss = [], 0, 0.0, math.nan
     cpu = cpu_seconds()
     for _ in range(cfg.epochs):
@@ -367,7 +364,7 @@ def main() -> None:
         + (f" max_steps={args.max_steps}" if args.max_steps else "")
     )
     t = time.perf_counter()
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     print(
         f"data: {len(splits.train)} train / {len(splits.test)} test images "
         f"({time.perf_counter() - t:.1f} s)",

@@ -165,10 +165,9 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     return results
 
 
-def _load(cfg: DictConfig) -> Splits:
-    data = cfg.data
-    t_load = time.perf_counter()
-    splits = load_data(
+def load_splits(data: DictConfig) -> Splits:
+    """The train/val/test splits a `data` config group entry describes."""
+    return load_data(
         data.name,
         data.root,
         val_size=data.val_size,
@@ -177,6 +176,11 @@ def _load(cfg: DictConfig) -> Splits:
         cache_dir=data.cache_dir,
         download=data.download,
     )
+
+
+def _load(cfg: DictConfig) -> Splits:
+    t_load = time.perf_counter()
+    splits = load_splits(cfg.data)
     log.info(
         "data: %d train / %d val / %d test images (%.1f s)",
         len(splits.train),
