@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cifar_run import atomic, report
-from cifar_run.engine import Batches, NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.engine import Batches, EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
     PruningSettings,
@@ -89,6 +89,12 @@ class StageData:
     device: torch.device
     autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
 
+    def evaluate(self, model: nn.Module, batches: Batches) -> EpochStats:
+        """`model` on `batches` the way the run evaluated the dense model."""
+        return evaluate(
+            model, batches, self.eval_criterion, device=self.device, autocast=self.autocast
+        )
+
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -136,12 +142,8 @@ def run_curve(
             pruned, val_acc, test_acc = model, dense_val_acc, dense_test_acc
         else:
             pruned = prune_copy(model, amount, settings.include_classifier)
-            val_acc = evaluate(
-                pruned, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
-            ).acc
-            test_acc = evaluate(
-                pruned, data.test, data.eval_criterion, device=data.device, autocast=data.autocast
-            ).acc
+            val_acc = data.evaluate(pruned, data.val).acc
+            test_acc = data.evaluate(pruned, data.test).acc
         counts = _counts(
             pruned, prunable_parameters(pruned, settings.include_classifier), total_params
         )
@@ -207,9 +209,7 @@ def _finetune(
                 f"fine-tune epoch {epoch}, step {exc.step} (lr {lr:.4g}); "
                 "try a lower pruning.finetune_lr"
             ) from None
-        val = evaluate(
-            model, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
-        )
+        val = data.evaluate(model, data.val)
         row = {
             "step": step,
             "epoch": epoch,
@@ -273,17 +273,13 @@ def run_pruning(
         last = step == len(targets)
         if not last and settings.finetune_epochs == 0:
             continue
-        val = evaluate(
-            model, data.val, data.eval_criterion, device=data.device, autocast=data.autocast
-        )
+        val = data.evaluate(model, data.val)
         log.info(
             "pruning step %d/%d: sparsity %.4f  val acc %.2f", step, len(targets), sparsity, val.acc
         )
         history.append({"step": step, "epoch": 0, "sparsity": sparsity, **_val_row(val)})
         if last:
-            test = evaluate(
-                model, data.test, data.eval_criterion, device=data.device, autocast=data.autocast
-            )
+            test = data.evaluate(model, data.test)
             results["pruned_val_acc"] = val.acc
             results["pruned_test_acc"] = test.acc
             log.info("pruned: val acc %.2f  test acc %.2f", val.acc, test.acc)
@@ -301,13 +297,7 @@ def run_pruning(
             )
             history += rows
             if last:
-                test = evaluate(
-                    model,
-                    data.test,
-                    data.eval_criterion,
-                    device=data.device,
-                    autocast=data.autocast,
-                )
+                test = data.evaluate(model, data.test)
                 results["finetuned_val_acc"] = kept_val
                 results["finetuned_test_acc"] = test.acc
                 log.info("fine-tuned: val acc %.2f  test acc %.2f", kept_val, test.acc)
