@@ -178,17 +178,10 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
     device = torch.device("cpu")
     t = shared_training(cfg, splits, seed, max_steps)
     model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
-    precision = accel.resolve_precision(cfg.precision, device)
-    scaler = precision.scaler(device)
-    accel.tap_conv_grads(model, device, compile=cfg.compile)
-    net = accel.compiled(model, cfg.compile)
+    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
+    net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
-    norm = {
-        "device": device,
-        "mean": mean,
-        "std": std,
-        "memory_format": accel.memory_format(model, device),
-    }
+    norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
     train = DeviceLoader(
         splits.train,
         cfg.batch_size,

@@ -131,3 +131,29 @@ def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     and pruning's reparametrisation needs a fresh compile anyway).
     """
     return torch.compile(model) if enabled else model
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Everything a training loop needs from the speed settings, resolved for one model."""
+
+    net: nn.Module  # the module to call: compiled, or the model itself
+    precision: Precision
+    scaler: torch.amp.GradScaler | None
+    memory_format: torch.memory_format  # of the batches (the weights stay NCHW)
+
+
+def speed_setup(
+    model: nn.Module, device: torch.device, precision: str, compile: bool = False
+) -> Speed:
+    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile),
+    compile if asked and pick the batches' memory format: one call, so run.py and
+    scripts/bench.py train the same way. Keep `model` for state dicts and pruning."""
+    resolved = resolve_precision(precision, device)
+    tap_conv_grads(model, device, compile=compile)
+    return Speed(
+        net=compiled(model, compile),
+        precision=resolved,
+        scaler=resolved.scaler(device),
+        memory_format=memory_format(model, device),
+    )
