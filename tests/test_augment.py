@@ -91,6 +91,33 @@ def test_crop_matches_padding_then_slicing() -> None:
         )
 
 
+def test_reflect_crop_matches_torchvision_reflect_padding() -> None:
+    from torchvision.transforms import v2
+
+    x = _batch()
+    out = random_crop(x, torch.Generator().manual_seed(3), 4, padding_mode="reflect")
+    padded = v2.Pad(4, padding_mode="reflect")(x)  # torchvision's RandomCrop padding
+    assert not torch.equal(padded, torch.nn.functional.pad(x, (4, 4, 4, 4)))
+    for img, src in zip(out, padded, strict=True):
+        assert any(
+            torch.equal(img, src[:, dy : dy + 32, dx : dx + 32])
+            for dy in range(9)
+            for dx in range(9)
+        )
+    # A reflected border repeats image content, never the black of zero padding.
+    bright = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    assert (random_crop(bright, torch.Generator().manual_seed(0), 4, "reflect") == 200).all()
+    assert (random_crop(bright, torch.Generator().manual_seed(0), 4, "zeros") == 0).any()
+
+
+def test_padding_mode_reaches_the_crop_from_the_config() -> None:
+    bright = torch.full((16, 3, 32, 32), 200, dtype=torch.uint8)
+    cfg = {"name": "standard", "padding": 4, "flip": 0.5, "padding_mode": "reflect"}
+    assert (build_augment(cfg)(bright, torch.Generator().manual_seed(0)) == 200).all()
+    cfg["padding_mode"] = "zeros"
+    assert (build_augment(cfg)(bright, torch.Generator().manual_seed(0)) == 0).any()
+
+
 def test_rotate_by_a_quarter_turn_moves_every_pixel_exactly() -> None:
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     out = rotate(x, torch.tensor([math.pi / 2, -math.pi / 2]))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,3 +36,24 @@ def test_per_step_scheduler_is_called_every_batch() -> None:
         step_scheduler=lambda: calls.append(1),
     )
     assert len(calls) == 5
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    with torch.no_grad():
+        mean_logits = (model(x) + model(x.flip(3))) / 2
+    expected = nn.CrossEntropyLoss()(mean_logits, y).item()
+    cpu = torch.device("cpu")
+    flip = evaluate(model, [(x, y)], nn.CrossEntropyLoss(), device=cpu, tta="flip")
+    plain = evaluate(model, [(x, y)], nn.CrossEntropyLoss(), device=cpu)
+    assert flip.loss == pytest.approx(expected, rel=1e-5)
+    assert flip.acc == pytest.approx(100.0 * (mean_logits.argmax(1) == y).float().mean().item())
+    assert plain.loss != pytest.approx(flip.loss, rel=1e-5)  # the mirror images did count
+
+
+def test_unknown_tta_mode_is_refused() -> None:
+    batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="tta='crop'"):
+        evaluate(LeNet5(), [batch], nn.CrossEntropyLoss(), device=torch.device("cpu"), tta="crop")

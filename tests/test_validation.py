@@ -40,6 +40,7 @@ BAD_VALUES = [
     ("data.cache_dir=5", "data.cache_dir=5"),
     (f"data.root={TEST_DATA / 'train'}", "no 'train' folder"),
     ("~seed", "seed: missing"),
+    ("tta=crop", "tta=crop: unknown; allowed: none, flip"),
 ]
 
 
@@ -49,6 +50,23 @@ def test_bad_value_is_one_line_naming_it(override: str, named: str) -> None:
         validate(compose_cfg([*TINY, override]))
     message = str(info.value)
     assert named in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["augment=standard", "augment.padding_mode=edge"], "augment.padding_mode=edge: unknown"),
+        (
+            ["augment=cutout", "augment.padding_mode=reflect", "augment.padding=32"],
+            "augment.padding=32: reflect padding must be less than the image side",
+        ),
+    ],
+)
+def test_bad_padding_is_one_line_naming_it(overrides: list[str], named: str) -> None:
+    with pytest.raises(UserError) as info:
+        validate(compose_cfg([*TINY, *overrides]))
+    assert named in str(info.value) and "\n" not in str(info.value)
+    validate(compose_cfg([*TINY, *overrides[:1], "augment.padding_mode=reflect"]))
 
 
 def test_cifar10_val_size_is_bounded_by_its_50000_training_images() -> None:

@@ -24,15 +24,21 @@ from cifar_run.errors import UserError
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def random_crop(x: torch.Tensor, g: torch.Generator, padding: int) -> torch.Tensor:
-    """Zero-pad by `padding` and take a random same-size crop per image (torchvision's
+def random_crop(
+    x: torch.Tensor, g: torch.Generator, padding: int, padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Pad by `padding` and take a random same-size crop per image (torchvision's
     RandomCrop(32, padding=4)) as one gather over flattened pixels: ten times faster on CPU
-    than four-way advanced indexing, and no Python loop over images."""
+    than four-way advanced indexing, and no Python loop over images.
+
+    `padding_mode`: "zeros" (black border) or "reflect" (the edge mirrored, without repeating
+    the edge pixel: torchvision's padding_mode="reflect")."""
     if padding == 0:
         return x
     b, c, h, w = x.shape
     wp = w + 2 * padding
-    padded = torch.nn.functional.pad(x, (padding,) * 4).flatten(2)
+    mode = {"zeros": "constant", "reflect": "reflect"}[padding_mode]
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode=mode).flatten(2)
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
     window = (
@@ -188,7 +194,11 @@ class Pipeline:
 
 def _crop_flip(cfg: Mapping[str, Any]) -> list[Augment]:
     return [
-        partial(random_crop, padding=int(cfg["padding"])),
+        partial(
+            random_crop,
+            padding=int(cfg["padding"]),
+            padding_mode=str(cfg.get("padding_mode", "zeros")),
+        ),
         partial(random_flip, p=float(cfg["flip"])),
     ]
 

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_run.constants import PRECISIONS
+from cifar_run.constants import PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
 from cifar_run.pruning_config import PruningSettings, validate_pruning
 
@@ -45,6 +45,7 @@ REQUIRED_KEYS = {
         "deterministic",
         "precision",
         "compile",
+        "tta",
     ),
     "data": ("name", "root", "download", "val_size", "subset", "split_seed", "cache_dir"),
 }
@@ -204,6 +205,7 @@ def _pair(key: str, value: Any, lo: float, hi: float, allowed: str) -> None:
 
 
 NORMALIZE = ("cifar", "half", "dataset")
+PADDING_MODES = ("zeros", "reflect")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 
 
@@ -212,6 +214,13 @@ def check_augment(aug: DictConfig) -> None:
     one_of("augment.normalize", aug.normalize, NORMALIZE)
     if "padding" in aug:
         non_negative_int("augment.padding", aug.padding)
+    if "padding_mode" in aug:
+        one_of("augment.padding_mode", aug.padding_mode, PADDING_MODES)
+        if aug.padding_mode == "reflect" and aug.get("padding", 0) >= 32:
+            raise UserError(
+                f"augment.padding={aug.padding}: reflect padding must be less than the "
+                "image side (at most 31)"
+            )
     if "flip" in aug:
         _in_range("augment.flip", aug.flip, 0, 1, "a probability in [0, 1]")
     if "degrees" in aug:
@@ -367,6 +376,7 @@ def check_top_level(cfg: DictConfig) -> None:
         positive_int("threads", cfg.threads)
     one_of("precision", cfg.precision, PRECISIONS)
     boolean("compile", cfg.compile)
+    one_of("tta", cfg.tta, TTA_MODES)
     boolean("dry_run", cfg.dry_run)
     boolean("resume", cfg.resume)
     boolean("deterministic", cfg.deterministic)

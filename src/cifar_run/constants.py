@@ -23,6 +23,9 @@ IMAGE_SHAPE = (3, 32, 32)
 # `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.accel).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# `tta` values: test-time augmentation of every evaluation (validation, test, pruning stage).
+TTA_MODES = ("none", "flip")
+
 # OpenMP threads that wait for work by spinning are fast on an idle machine and ruinous on a
 # busy one: a waiting thread spins on a core another process needs while the thread it waits
 # for is descheduled. On the shared 2-core machine LeNet-5 trained about 10x slower with

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cifar_run.constants import TTA_MODES
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 # Steps between looks at the loss for NaN/inf. A look is one host synchronisation; checking
@@ -134,9 +136,16 @@ def evaluate(
     *,
     device: torch.device,
     autocast: torch.dtype | None = None,
+    tta: str = "none",
 ) -> EpochStats:
     """Mean loss and accuracy of `model` over `batches`, in eval mode (`autocast` as in
-    `train_one_epoch`; the loss is summed in fp32)."""
+    `train_one_epoch`; the loss is summed in fp32).
+
+    `tta="flip"`: test-time augmentation, the mean of the logits for each image and its
+    mirror image (airbench's and Page's flip TTA); "none": the images as they are.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta={tta!r}: allowed: {', '.join(TTA_MODES)}")
     model.eval()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
@@ -145,6 +154,8 @@ def evaluate(
     for x, y in batches:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             out = model(x)
+            if tta == "flip":
+                out = (out.float() + model(x.flip(3)).float()) / 2
         loss_sum += criterion(out.float(), y) * y.shape[0]
         correct += (out.argmax(1) == y).sum()
         n += y.shape[0]

@@ -88,11 +88,17 @@ class StageData:
     has_val: bool
     device: torch.device
     autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
+    tta: str = "none"  # and its test-time augmentation
 
     def evaluate(self, model: nn.Module, batches: Batches) -> EpochStats:
         """`model` on `batches` the way the run evaluated the dense model."""
         return evaluate(
-            model, batches, self.eval_criterion, device=self.device, autocast=self.autocast
+            model,
+            batches,
+            self.eval_criterion,
+            device=self.device,
+            autocast=self.autocast,
+            tta=self.tta,
         )
 
 

@@ -64,7 +64,7 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize})",
         f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}",
         f"sched: {cfg.sched.name}",
-        f"device: {device}, seed {cfg.seed}",
+        f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}",
     ]
     settings = validate_pruning(cfg.prune, cfg.pruning)
     if settings.enabled:
@@ -91,6 +91,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "device": str(device),
         "threads": torch.get_num_threads(),
         "precision": accel.resolve_precision(cfg.precision, device).name,
+        "tta": cfg.tta,
         "augment": cfg.augment.name,
         "sched": cfg.sched.name,
         "data": cfg.data.name,
@@ -217,12 +218,8 @@ def _train(
     settings = settings or PruningSettings()
     splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
-    # Speed: the model's own weights stay NCHW (checkpoints and pruning see plain tensors);
-    # channels_last batches are enough for the convolutions to run NHWC.
-    precision = accel.resolve_precision(cfg.precision, device)
-    scaler = precision.scaler(device)
-    accel.tap_conv_grads(model, device, compile=cfg.compile)
-    net = accel.compiled(model, cfg.compile)  # `model` stays the one to save and prune
+    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
+    net, precision, scaler = speed.net, speed.precision, speed.scaler  # `model`: save, prune
     amp = {"autocast": precision.dtype}
     log.info(
         "precision %s, %d CPU threads, compile %s",
@@ -230,12 +227,7 @@ def _train(
         torch.get_num_threads(),
         cfg.compile,
     )
-    norm = {
-        "device": device,
-        "mean": mean,
-        "std": std,
-        "memory_format": accel.memory_format(model, device),
-    }
+    norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
     train_batches = DeviceLoader(
         splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **norm
     )
@@ -286,7 +278,7 @@ def _train(
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
-        val = evaluate(net, val_batches, eval_criterion, device=device, **amp)
+        val = evaluate(net, val_batches, eval_criterion, device=device, tta=cfg.tta, **amp)
         schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
@@ -334,7 +326,7 @@ def _train(
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
-    test = evaluate(net, test_batches, eval_criterion, device=device, **amp)
+    test = evaluate(net, test_batches, eval_criterion, device=device, tta=cfg.tta, **amp)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
         report.plot_curves(out_dir, history, title=str(cfg.model.name))
@@ -344,6 +336,7 @@ def _train(
         "test_acc": test.acc,
         "test_loss": test.loss,
         "train_seconds": sum(r["seconds"] for r in history),
+        "test_seconds": test.seconds,
         "final_train_acc": history[-1]["train_acc"],
     }
     if not (settings.enabled or settings.curve):
@@ -360,6 +353,7 @@ def _train(
         has_val=has_val,
         device=device,
         autocast=precision.dtype,
+        tta=cfg.tta,
     )
     params = count_parameters(model)
     if settings.curve:
