@@ -21,6 +21,7 @@ MODEL_FILES = sorted(CONF.glob("*.yaml"))
 EXPECTED_PARAMETERS = {
     "lenet5": 62_006,
     "resnet9": 4_903_242,  # report 001
+    "resnet9_page": 6_573_120,  # Page's DAWNBench ResNet-9 (experiment=fast)
     "resnet18": 11_173_962,  # kuangliu/pytorch-cifar
     "resnet18_tv": 11_181_642,  # report 000, torchvision
     "resnet20": 269_722,  # He et al. 2016: 0.27M
