@@ -97,6 +97,28 @@ def test_iterative_with_finetuning_keeps_masks_and_reports_both(tmp_path: Path) 
     assert sum(int((w == 0).sum()) for w in weights) == zeros
 
 
+@pytest.mark.parametrize(("autocast", "scaled"), [(torch.float16, True), (None, False)])
+def test_fp16_finetuning_scales_the_loss(
+    autocast: torch.dtype | None, scaled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scalers = []
+    real = prune_stage.train_one_epoch
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        scalers.append(kwargs.get("scaler"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_stage, "train_one_epoch", spy)
+    data = stage_data()
+    data.autocast = autocast
+    settings = PruningSettings(amount=0.5, finetune_epochs=1)
+    results = prune_stage.run_pruning(
+        lenet(), settings, data, sgd, total_params=PARAMS, finetune_lr=0.01, out_dir=None
+    )
+    assert len(scalers) == 1 and 0 <= results["finetuned_test_acc"] <= 100
+    assert isinstance(scalers[0], torch.amp.GradScaler) == scaled
+
+
 def test_fully_pruned_layer_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -194,6 +194,8 @@ def _finetune(
     the epoch with the best validation accuracy is kept, as in training.
     """
     optimizer = make_optimizer(model.parameters(), lr)
+    # fp16 gradients underflow without loss scaling, in fine-tuning as in training.
+    scaler = torch.amp.GradScaler(data.device.type) if data.autocast == torch.float16 else None
     history: list[dict[str, Any]] = []
     best_acc, best_state = -math.inf, None
     for epoch in range(1, epochs + 1):
@@ -206,6 +208,7 @@ def _finetune(
                 data.criterion,
                 device=data.device,
                 autocast=data.autocast,
+                scaler=scaler,
                 desc=f"fine-tune {epoch}/{epochs}"
                 + (f" (step {step}/{steps})" if steps > 1 else ""),
             )
