@@ -24,6 +24,12 @@ from cifar_run.errors import UserError
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Index i of a row or column of length n, mirrored back into [0, n) at both ends
+    without repeating the edge (torch's "reflect" padding; valid for -n < i < 2n - 1)."""
+    return torch.where(i < 0, -i, torch.where(i > n - 1, 2 * (n - 1) - i, i))
+
+
 def random_crop(
     x: torch.Tensor, g: torch.Generator, padding: int, padding_mode: str = "zeros"
 ) -> torch.Tensor:
@@ -31,16 +37,22 @@ def random_crop(
     RandomCrop(32, padding=4)) as one gather over flattened pixels: ten times faster on CPU
     than four-way advanced indexing, and no Python loop over images.
 
-    `padding_mode`: "zeros" (black border) or "reflect" (the edge mirrored, without repeating
-    the edge pixel: torchvision's padding_mode="reflect")."""
+    `padding_mode`: "zeros" (black border) or "reflect" (the edge mirrored without
+    repeating the edge pixel, torchvision's padding_mode="reflect"). Reflection maps each
+    crop pixel to its source pixel directly, so no padded copy is made (and no padding
+    kernel is needed for uint8 on any device)."""
     if padding == 0:
         return x
     b, c, h, w = x.shape
-    wp = w + 2 * padding
-    mode = {"zeros": "constant", "reflect": "reflect"}[padding_mode]
-    padded = torch.nn.functional.pad(x, (padding,) * 4, mode=mode).flatten(2)
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=g, device=x.device)
+    if padding_mode == "reflect":
+        rows = _reflect(torch.arange(h, device=x.device) + (dy - padding)[:, None], h)
+        cols = _reflect(torch.arange(w, device=x.device) + (dx - padding)[:, None], w)
+        index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return x.flatten(2).gather(2, index).view(b, c, h, w)
+    wp = w + 2 * padding
+    padded = torch.nn.functional.pad(x, (padding,) * 4).flatten(2)
     window = (
         torch.arange(h, device=x.device)[:, None] * wp + torch.arange(w, device=x.device)
     ).flatten()
