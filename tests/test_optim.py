@@ -213,6 +213,28 @@ def test_plateau_after_warmup() -> None:
     assert ours[-1] < LR
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_and_looped_optimizers_take_the_same_steps(name: str) -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    runs = {}
+    for fused in (True, False):
+        cfg = compose_cfg([f"optim={name}", "optim.weight_decay=0.01", f"optim.fused={fused}"])
+        if name == "sgd":
+            cfg.optim.nesterov = True
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = build_optimizer(cfg.optim, params, 0.05)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[fused] = params
+    for a, b, w in zip(runs[True], runs[False], weights, strict=True):
+        assert not torch.equal(a, w)  # the steps moved the weights...
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # ...the same way
+
+
 def test_optimizers_take_the_top_level_lr_and_their_keys() -> None:
     for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)):
         cfg = compose_cfg([f"optim={name}", "lr=0.003", "optim.weight_decay=0.001"])
@@ -222,6 +244,9 @@ def test_optimizers_take_the_top_level_lr_and_their_keys() -> None:
     cfg = compose_cfg(["optim=adamw", "optim.betas=[0.8,0.99]"])
     opt = _optimizer(cfg)
     assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["betas"] == (0.8, 0.99)
+    for name in ("sgd", "adam", "adamw"):  # one fused kernel per step unless fused=false
+        assert _optimizer(compose_cfg([f"optim={name}"])).defaults["fused"] is True
+        assert not _optimizer(compose_cfg([f"optim={name}", "optim.fused=false"])).defaults["fused"]
     cfg = compose_cfg(["optim=sgd", "optim.nesterov=true", "optim.momentum=0.5"])
     group = _optimizer(cfg).param_groups[0]
     assert group["nesterov"] is True and group["momentum"] == 0.5
@@ -245,6 +270,7 @@ BAD = [
     (["optim.momentum=0", "optim.nesterov=true"], "optim.nesterov=true"),
     (["optim=adam", "optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]"),
     (["optim=adamw", "optim.label_smoothing=1.0"], "optim.label_smoothing=1.0"),
+    (["optim.fused=yes"], "optim.fused=yes"),
     (["epochs=3", "sched.warmup_epochs=3"], "sched.warmup_epochs=3"),
     (["sched=none", "sched.warmup_epochs=-1"], "sched.warmup_epochs=-1"),
     (["sched.warmup_start_factor=0"], "sched.warmup_start_factor=0"),

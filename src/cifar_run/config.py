@@ -256,6 +256,8 @@ def check_optim(optim: DictConfig) -> None:
             raise UserError(
                 f"optim.nesterov=true: needs optim.momentum > 0 (got {optim.get('momentum')})"
             )
+    if "fused" in optim:
+        boolean("optim.fused", optim.fused)
     if "betas" in optim:
         betas = optim.betas
         if (
