@@ -46,10 +46,13 @@ class Precision:
     dtype: torch.dtype | None  # the autocast dtype; None: plain fp32, no autocast
 
     def scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
-        """fp16 needs loss scaling (its range is small); bf16 and fp32 do not."""
-        if self.name != "fp16":
-            return None
-        return torch.amp.GradScaler(device.type)
+        return loss_scaler(self.dtype, device)
+
+
+def loss_scaler(autocast: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A fresh GradScaler for training under `autocast`: fp16 needs loss scaling (its range
+    is small); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
 
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

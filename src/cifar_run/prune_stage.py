@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cifar_run import atomic, report
+from cifar_run.accel import loss_scaler
 from cifar_run.engine import Batches, EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
@@ -194,8 +195,7 @@ def _finetune(
     the epoch with the best validation accuracy is kept, as in training.
     """
     optimizer = make_optimizer(model.parameters(), lr)
-    # fp16 gradients underflow without loss scaling, in fine-tuning as in training.
-    scaler = torch.amp.GradScaler(data.device.type) if data.autocast == torch.float16 else None
+    scaler = loss_scaler(data.autocast, data.device)  # fp16 needs it here as in training
     history: list[dict[str, Any]] = []
     best_acc, best_state = -math.inf, None
     for epoch in range(1, epochs + 1):
