@@ -23,7 +23,7 @@ from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import Splits, load_data
-from cifar_run.engine import NonFiniteLoss, evaluate, train_one_epoch
+from cifar_run.engine import NonFiniteLoss, train_one_epoch
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
@@ -220,7 +220,6 @@ def _train(
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
     net, precision, scaler = speed.net, speed.precision, speed.scaler  # `model`: save, prune
-    amp = {"autocast": precision.dtype}
     log.info(
         "precision %s, %d CPU threads, compile %s",
         precision.name,
@@ -240,6 +239,19 @@ def _train(
         cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=len(train_batches)
     )
     has_val = len(splits.val) > 0
+    # Training and the pruning stage evaluate through this one object (criterion, precision,
+    # TTA), so dense and pruned rows are measured alike.
+    stage_data = prune_stage.StageData(
+        train=train_batches,
+        val=val_batches,
+        test=test_batches,
+        criterion=criterion,
+        eval_criterion=eval_criterion,
+        has_val=has_val,
+        device=device,
+        autocast=precision.dtype,
+        tta=cfg.tta,
+    )
 
     # Every random stream an epoch draws from, saved and restored with the checkpoint.
     generators = {
@@ -274,11 +286,11 @@ def _train(
                 step_scheduler=schedule.step_batch,
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 scaler=scaler,
-                **amp,
+                autocast=precision.dtype,
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
-        val = evaluate(net, val_batches, eval_criterion, device=device, tta=cfg.tta, **amp)
+        val = stage_data.evaluate(net, val_batches)
         schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
@@ -326,7 +338,7 @@ def _train(
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
-    test = evaluate(net, test_batches, eval_criterion, device=device, tta=cfg.tta, **amp)
+    test = stage_data.evaluate(net, test_batches)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
     if out_dir is not None:
         report.plot_curves(out_dir, history, title=str(cfg.model.name))
@@ -344,17 +356,6 @@ def _train(
 
     # The pruning stage starts from the weights just tested (the best epoch's). It is not
     # checkpointed: a resumed run redoes it from best.pt's weights.
-    stage_data = prune_stage.StageData(
-        train=train_batches,
-        val=val_batches,
-        test=test_batches,
-        criterion=criterion,
-        eval_criterion=eval_criterion,
-        has_val=has_val,
-        device=device,
-        autocast=precision.dtype,
-        tta=cfg.tta,
-    )
     params = count_parameters(model)
     if settings.curve:
         curve = prune_stage.run_curve(
