@@ -128,3 +128,13 @@ def test_misspelt_key_suggests_the_right_one(tmp_path: Path) -> None:
 def test_list_of_values_without_multirun_is_refused(tmp_path: Path) -> None:
     proc = run_cli("lr=0.1,0.2", cwd=tmp_path)
     assert proc.returncode == 2 and "-m" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["--cfg", "-c", "--info"])
+def test_multirun_with_a_print_mode_is_one_line_not_a_traceback(tmp_path: Path, mode: str) -> None:
+    proc = run_cli("-m", "batch_size=8,16", mode, "job", cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and mode in lines[0] and "-m" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists()

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -61,11 +62,22 @@ _HYDRA_ONLY_FLAGS = {
     "--resolve",
 }
 _MULTIRUN_FLAGS = {"--multirun", "-m"}
+# Hydra runs in one mode per command; with -m these end in its ValueError traceback.
+_MODE_FLAGS = {"--run", "-r", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 
 
 def fail(message: str, prog: str = "cifar-run") -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `cifar-run OVERRIDES` would run, composed without a Hydra run (no run
+    folder, no logging set-up): for scripts and tests."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def groups() -> dict[str, list[str]]:
@@ -188,6 +200,13 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
 
 def preflight(argv: list[str]) -> None:
     """Compose and validate every job the command line asks for; exit 2 on a mistake."""
+    flags = {a.split("=")[0] for a in argv if a.startswith("-")}
+    if flags & _MULTIRUN_FLAGS and flags & _MODE_FLAGS:
+        mode = sorted(flags & _MODE_FLAGS)[-1]
+        fail(
+            f"{mode} with -m: Hydra takes one mode at a time; drop -m and give one value "
+            f"per key to see a job (e.g. `cifar-run batch_size=8 {mode} ...`)"
+        )
     if any(a.split("=")[0] in _HYDRA_ONLY_FLAGS for a in argv):
         return
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
