@@ -50,13 +50,12 @@ for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is im
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cifar_run import accel  # noqa: E402
 from cifar_run.augment import build_augment, normalization  # noqa: E402
-from cifar_run.cli import CONF_DIR  # noqa: E402
+from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.config import validate  # noqa: E402
 from cifar_run.data import ArraySplit, Splits  # noqa: E402
 from cifar_run.engine import evaluate, train_one_epoch  # noqa: E402
@@ -95,8 +94,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["device=cpu", *overrides])
+    cfg = compose_config(["device=cpu", *overrides])
     with open_dict(cfg):
         cfg.prune = 0.0  # the bench times training; a pruning stage is not part of it
     validate(cfg)

@@ -34,10 +34,9 @@ for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is im
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from cifar_run.cli import CONF_DIR  # noqa: E402
+from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.errors import UserError  # noqa: E402
 from cifar_run.run import resolve_device, run  # noqa: E402
 
@@ -61,8 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=fast", *overrides])
+    cfg = compose_config(["experiment=fast", *overrides])
     with open_dict(cfg):
         cfg.prune = 0.0  # the record is for training and testing; no pruning stage
     return cfg

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +38,9 @@ def _isolated_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     """The config `cifar-run` would build from these overrides (no Hydra run, no files)."""
-    from cifar_run.cli import CONF_DIR
+    from cifar_run.cli import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+    return compose_config(overrides or [])
 
 
 def run_cli(

@@ -6,6 +6,10 @@ scripts/bench.py); these tests check that the fast paths compute what the plain 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,7 @@ from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 
-from .conftest import TEST_DATA, TINY, compose_cfg
+from .conftest import REPO, TEST_DATA, TINY, compose_cfg
 
 CPU = torch.device("cpu")
 
@@ -205,3 +209,26 @@ def test_compile_true_trains_on_cpu_and_saves_the_plain_model(tmp_path: Path) ->
     assert not any(k.startswith("_orig_mod.") for k in state)  # the uncompiled module's keys
     LeNet5().load_state_dict(state)  # and it loads into a plain model
     assert all(v.is_contiguous() for v in state.values())  # plain NCHW tensors
+
+
+def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -> None:
+    # The benchmark behind docs/benchmarks.md must keep running as the code under it moves.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--repeats", "2", *TINY],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rounds = re.findall(r"round \d seed (\d) (ours|reference) *:.*test acc ([\d.]+)%", proc.stdout)
+    assert sorted((seed, arm) for seed, arm, _ in rounds) == [
+        ("0", "ours"),
+        ("0", "reference"),
+        ("1", "ours"),
+        ("1", "reference"),
+    ], proc.stdout
+    assert all(0.0 <= float(acc) <= 100.0 for *_, acc in rounds)
+    assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
