@@ -43,19 +43,25 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     return compose_config(overrides or [])
 
 
-def run_cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """`cifar-run ARGS` in a subprocess, exactly as a user types it."""
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None, timeout: float):
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO / "src"), full_env.get("PYTHONPATH")])
     )
     return subprocess.run(
-        [sys.executable, "-m", "cifar_run", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`cifar-run ARGS` in a subprocess, exactly as a user types it."""
+    return _run([sys.executable, "-m", "cifar_run", *args], cwd, env, timeout)
+
+
+def run_script(
+    name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python scripts/NAME ARGS` in a subprocess, as the docs run the benchmarks."""
+    return _run([sys.executable, str(REPO / "scripts" / name), *args], cwd, env, timeout)

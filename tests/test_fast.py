@@ -4,9 +4,6 @@ script runs. (Its 94% needs a GPU and 24 epochs; the figure is in docs/benchmark
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 from cifar_run.models import build_model
 from cifar_run.optim import build_optimizer, build_scheduler
 
-from .conftest import REPO, TEST_DATA, compose_cfg, run_cli
+from .conftest import TEST_DATA, compose_cfg, run_cli, run_script
 
 SMALL = [  # the committed images, a narrow net, one epoch: seconds on a CPU
     "data=imagefolder",
@@ -70,20 +67,8 @@ def test_fast_trains_with_flip_tta_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_bench_fast_reports_mean_accuracy_and_seconds(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "CIFAR_RUN_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO / "src"),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_fast.py"), "--runs", "2", *SMALL],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {"OMP_NUM_THREADS": "1", "CIFAR_RUN_CACHE": str(tmp_path / "cache")}
+    proc = run_script("bench_fast.py", "--runs", "2", *SMALL, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "warm-up: 1 epoch(s)" in proc.stdout
     assert "run 1 seed 0: test acc" in proc.stdout and "run 2 seed 1: test acc" in proc.stdout

@@ -6,10 +6,7 @@ scripts/bench.py); these tests check that the fast paths compute what the plain 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 
-from .conftest import REPO, TEST_DATA, TINY, compose_cfg
+from .conftest import TEST_DATA, TINY, compose_cfg, run_script
 
 CPU = torch.device("cpu")
 
@@ -213,15 +210,7 @@ def test_compile_true_trains_on_cpu_and_saves_the_plain_model(tmp_path: Path) ->
 
 def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -> None:
     # The benchmark behind docs/benchmarks.md must keep running as the code under it moves.
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--repeats", "2", *TINY],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script("bench.py", "--repeats", "2", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rounds = re.findall(r"round \d seed (\d) (ours|reference) *:.*test acc ([\d.]+)%", proc.stdout)
     assert sorted((seed, arm) for seed, arm, _ in rounds) == [
