@@ -198,8 +198,11 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
                 )
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate every job the command line asks for; exit 2 on a mistake."""
+def preflight(argv: list[str]) -> bool:
+    """Compose and validate every job the command line asks for; exit 2 on a mistake.
+
+    Returns True for a single dry run into the default run folder (which then need not
+    exist: see main)."""
     flags = {a.split("=")[0] for a in argv if a.startswith("-")}
     if flags & _MULTIRUN_FLAGS and flags & _MODE_FLAGS:
         mode = sorted(flags & _MODE_FLAGS)[-1]
@@ -208,7 +211,7 @@ def preflight(argv: list[str]) -> None:
             f"per key to see a job (e.g. `cifar-run batch_size=8 {mode} ...`)"
         )
     if any(a.split("=")[0] in _HYDRA_ONLY_FLAGS for a in argv):
-        return
+        return False
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
 
@@ -250,6 +253,23 @@ def preflight(argv: list[str]) -> None:
                         _check_run_folder(job, hydra_overrides)
                 except UserError as exc:
                     fail(str(exc))
+    chosen_dir = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
+    return not multirun and bool(cfg.dry_run) and not chosen_dir
+
+
+def _dry_run_without_run_folder() -> None:
+    """Hydra makes the run folder (.hydra/, the log) before the job starts; a dry run
+    writes nothing of its own, so give Hydra a temporary folder and remove it afterwards
+    instead of leaving an empty run under outputs/."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="cifar-run-dry-")
+    sys.argv.append(f"hydra.run.dir={folder}")
+    try:
+        _hydra_main()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -273,8 +293,10 @@ def main() -> None:
     """Entry point of `cifar-run`."""
     for key, value in OPENMP_ENV.items():  # before anything imports torch
         os.environ.setdefault(key, value)
-    preflight(sys.argv[1:])
-    _hydra_main()
+    if preflight(sys.argv[1:]):
+        _dry_run_without_run_folder()
+    else:
+        _hydra_main()
 
 
 def report_main(argv: list[str] | None = None) -> None:
