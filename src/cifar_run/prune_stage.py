@@ -79,7 +79,8 @@ PRUNED_COLUMNS = (
 
 @dataclass
 class StageData:
-    """What the stage trains and evaluates on (the run's own batches and losses)."""
+    """What a run trains and evaluates on (its batches, losses, precision and TTA): run.py's
+    epochs and this stage's fine-tuning go through the same two methods."""
 
     train: Batches
     val: Batches
@@ -101,6 +102,40 @@ class StageData:
             autocast=self.autocast,
             tta=self.tta,
         )
+
+    def train_epoch(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scaler: torch.amp.GradScaler | None,
+        desc: str,
+        step_scheduler: Callable[[], None] | None = None,
+    ) -> tuple[EpochStats, EpochStats]:
+        """One training pass over `train`, then `model` on `val`: (train, val) statistics.
+        Raises engine.NonFiniteLoss when the loss goes NaN or infinite."""
+        train = train_one_epoch(
+            model,
+            self.train,
+            optimizer,
+            self.criterion,
+            device=self.device,
+            step_scheduler=step_scheduler,
+            desc=desc,
+            autocast=self.autocast,
+            scaler=scaler,
+        )
+        return train, self.evaluate(model, self.val)
+
+
+def epoch_metrics(train: EpochStats, val: EpochStats) -> dict[str, float]:
+    """The loss and accuracy columns of a metrics row (metrics.csv, finetune.csv)."""
+    return {
+        "train_loss": train.loss,
+        "train_acc": train.acc,
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+    }
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -200,33 +235,20 @@ def _finetune(
     best_acc, best_state = -math.inf, None
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
+        desc = f"fine-tune {epoch}/{epochs}" + (f" (step {step}/{steps})" if steps > 1 else "")
         try:
-            train = train_one_epoch(
-                model,
-                data.train,
-                optimizer,
-                data.criterion,
-                device=data.device,
-                autocast=data.autocast,
-                scaler=scaler,
-                desc=f"fine-tune {epoch}/{epochs}"
-                + (f" (step {step}/{steps})" if steps > 1 else ""),
-            )
+            train, val = data.train_epoch(model, optimizer, scaler=scaler, desc=desc)
         except NonFiniteLoss as exc:
             raise TrainingDiverged(
                 f"fine-tuning diverged: loss {exc.loss} at pruning step {step}/{steps}, "
                 f"fine-tune epoch {epoch}, step {exc.step} (lr {lr:.4g}); "
                 "try a lower pruning.finetune_lr"
             ) from None
-        val = data.evaluate(model, data.val)
         row = {
             "step": step,
             "epoch": epoch,
             "sparsity": sparsity,
-            "train_loss": train.loss,
-            "train_acc": train.acc,
-            "val_loss": val.loss,
-            "val_acc": val.acc,
+            **epoch_metrics(train, val),
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }

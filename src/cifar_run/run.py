@@ -23,7 +23,7 @@ from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import Splits, load_data
-from cifar_run.engine import NonFiniteLoss, train_one_epoch
+from cifar_run.engine import NonFiniteLoss
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model, count_parameters
@@ -277,27 +277,19 @@ def _train(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         try:
-            train = train_one_epoch(
+            train, val = stage_data.train_epoch(
                 net,
-                train_batches,
                 optimizer,
-                criterion,
-                device=device,
-                step_scheduler=schedule.step_batch,
-                desc=f"epoch {epoch}/{cfg.epochs}",
                 scaler=scaler,
-                autocast=precision.dtype,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                step_scheduler=schedule.step_batch,
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
-        val = stage_data.evaluate(net, val_batches)
         schedule.step_epoch({"val_loss": val.loss, "val_acc": val.acc})
         row = {
             "epoch": epoch,
-            "train_loss": train.loss,
-            "train_acc": train.acc,
-            "val_loss": val.loss,
-            "val_acc": val.acc,
+            **prune_stage.epoch_metrics(train, val),
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }
