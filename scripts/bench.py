@@ -84,9 +84,17 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument(
+        "--no-ours",
+        action="store_true",
+        help="the reference only (more seeds of its accuracy without re-running ours)",
+    )
+    parser.add_argument(
         "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.no_ours and args.no_reference:
+        parser.error("--no-ours and --no-reference: nothing left to run")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +376,7 @@ def main() -> None:
         seed = cfg.seed + r
         arms = ["ours", "reference"] if r % 2 == 0 else ["reference", "ours"]
         for arm in arms:
-            if arm == "reference" and args.no_reference:
+            if (arm == "reference" and args.no_reference) or (arm == "ours" and args.no_ours):
                 continue
             train = train_ours if arm == "ours" else train_reference
             res = train(cfg, splits, seed, args.max_steps)
@@ -386,18 +394,15 @@ def main() -> None:
         return statistics.median(getattr(x, attr) for x in results)
 
     print("\nsummary (medians over rounds)")
-    print(
-        f"  ours      {med(ours, 'images_per_s'):8.1f} images/s, test acc "
-        f"{med(ours, 'test_acc'):.2f}% (rounds: "
-        f"{', '.join(f'{x.test_acc:.2f}' for x in ours)})"
-    )
-    if refs:
+    for name, results in (("ours", ours), ("reference", refs)):
+        if results:
+            print(
+                f"  {name:9s} {med(results, 'images_per_s'):8.1f} images/s, test acc "
+                f"{med(results, 'test_acc'):.2f}% (rounds: "
+                f"{', '.join(f'{x.test_acc:.2f}' for x in results)})"
+            )
+    if ours and refs:
         ratios = [o.images_per_s / f.images_per_s for o, f in zip(ours, refs, strict=True)]
-        print(
-            f"  reference {med(refs, 'images_per_s'):8.1f} images/s, test acc "
-            f"{med(refs, 'test_acc'):.2f}% (rounds: "
-            f"{', '.join(f'{x.test_acc:.2f}' for x in refs)})"
-        )
         print(
             f"  ratio ours/reference: median {statistics.median(ratios):.2f}x "
             f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
@@ -424,10 +429,10 @@ def main() -> None:
             "matmul ceiling (2048 x 2048, best of 10): "
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceilings.items())
         )
-        arms = [("ours", ours, precision.name if precision.name != "fp16" else "fp32")]
-        if refs:
-            arms.append(("reference", refs, "fp32"))
-        for name, results, kind in arms:
+        ours_kind = precision.name if precision.name != "fp16" else "fp32"
+        for name, results, kind in (("ours", ours, ours_kind), ("reference", refs, "fp32")):
+            if not results:
+                continue
             achieved = med(results, "images_per_s") * train
             print(
                 f"  {name:9s} achieved {achieved / 1e9:7.1f} GFLOP/s = "

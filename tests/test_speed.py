@@ -221,3 +221,12 @@ def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -
     ], proc.stdout
     assert all(0.0 <= float(acc) <= 100.0 for *_, acc in rounds)
     assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
+
+
+def test_bench_script_runs_one_arm_alone(tmp_path: Path) -> None:
+    proc = run_script("bench.py", "--repeats", "1", "--no-ours", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"round 1 seed 0 reference *:.*test acc [\d.]+%", proc.stdout), proc.stdout
+    assert " ours " not in proc.stdout and "ratio" not in proc.stdout
+    both = run_script("bench.py", "--no-ours", "--no-reference", *TINY, cwd=tmp_path)
+    assert both.returncode == 2 and "nothing left to run" in both.stderr
