@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from cifar_run import sweep
 from cifar_run.errors import UserError
 
-from .conftest import REPO, TINY, run_cli
+from .conftest import REPO, TEST_DATA, TINY, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -289,3 +289,27 @@ def test_run_job_resumes_an_interrupted_job_from_its_checkpoint(tmp_path: Path) 
     (tmp_path / "checkpoints" / "state.pt").write_bytes(b"an epoch's state")
     sweep.run_job(job_cfg(resume=False), tmp_path, 0, lambda c, o: seen.append(c.resume))
     assert seen == [False, True]  # no checkpoint: a fresh start; a checkpoint: resume it
+
+
+@pytest.mark.slow
+def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
+    two_job_sweep: tuple, tmp_path: Path, cache_dir: Path
+) -> None:
+    # data.root is not in the job folder names: skipping the completed jobs would pass off
+    # the old data's results as the new data's.
+    original, _, args = two_job_sweep
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(original, sweep_dir)
+    other_root = tmp_path / "other-data"
+    other_root.symlink_to(TEST_DATA, target_is_directory=True)
+    files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
+    before = [p.stat().st_mtime_ns for p in files]
+
+    rerun = [a for a in args if not a.startswith(("hydra.sweep.dir=", "data.root="))]
+    rerun += [f"hydra.sweep.dir={sweep_dir}", f"data.root={other_root}"]
+    proc = run_cli(*rerun, cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.root" in lines[0] and "hydra.sweep.dir" in lines[0], lines
+    assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
+    assert [p.stat().st_mtime_ns for p in files] == before  # nothing touched

@@ -253,8 +253,40 @@ def preflight(argv: list[str]) -> bool:
                         _check_run_folder(job, hydra_overrides)
                 except UserError as exc:
                     fail(str(exc))
+        if multirun and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
+            _check_completed_jobs(jobs, hydra_overrides)
     chosen_dir = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
     return not multirun and bool(cfg.dry_run) and not chosen_dir
+
+
+def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> None:
+    """A rerun into an existing sweep folder skips the jobs completed there (sweep.run_job).
+    Folder names leave out some keys (data.root), so refuse the whole rerun when a completed
+    job's config.yaml differs from the job this command would run: skipping it would report
+    the old config's results as the new one's. Call inside initialize_config_dir."""
+    from hydra import compose
+
+    from cifar_run.checkpoint import config_diff
+
+    for num, job in enumerate(jobs):
+        full = compose(
+            config_name="config", overrides=[*job, *hydra_overrides], return_hydra_config=True
+        )
+        name = sweep.job_dir_name(num, full.hydra.job.override_dirname)
+        folder = Path(str(full.hydra.sweep.dir)) / name
+        if sweep.read_status(folder) != "completed":
+            continue
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+        except Exception:  # missing or unreadable YAML: not a run folder this check can judge
+            continue
+        differences = config_diff(saved, compose(config_name="config", overrides=job))
+        if differences:
+            fail(
+                f"hydra.sweep.dir={full.hydra.sweep.dir}: job {name} there completed with "
+                f"another config ({'; '.join(differences[:3])}); a rerun would skip it and "
+                "report its results as this config's: choose a new hydra.sweep.dir"
+            )
 
 
 def _dry_run_without_run_folder() -> None:
