@@ -230,3 +230,14 @@ def test_bench_script_runs_one_arm_alone(tmp_path: Path) -> None:
     assert " ours " not in proc.stdout and "ratio" not in proc.stdout
     both = run_script("bench.py", "--no-ours", "--no-reference", *TINY, cwd=tmp_path)
     assert both.returncode == 2 and "nothing left to run" in both.stderr
+
+
+def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
+    proc = run_script("precision_check.py", *TINY, "--at", "0", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    errors = re.findall(r"step +(\d+): bf16 vs fp32 gradient: relative error ([\d.]+)", proc.stdout)
+    assert [int(s) for s, _ in errors] == [0, 2], proc.stdout
+    assert all(0.0 <= float(e) < 1.0 for _, e in errors)  # bf16 is close, not equal or lost
+    accs = re.findall(r"evaluated in (fp32|bf16): acc ([\d.]+)%", proc.stdout)
+    assert [a for a, _ in accs] == ["fp32", "bf16"], proc.stdout
+    assert re.search(r"predictions that differ between the two: \d+ of 100", proc.stdout)
