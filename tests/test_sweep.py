@@ -313,3 +313,12 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
     assert len(lines) == 1 and "data.root" in lines[0] and "hydra.sweep.dir" in lines[0], lines
     assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
     assert [p.stat().st_mtime_ns for p in files] == before  # nothing touched
+
+
+def test_dry_run_sweep_checks_every_job_and_writes_nothing(tmp_path: Path) -> None:
+    proc = run_cli("-m", "lr=0.01,-1", "dry_run=true", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("parameters: 62006") == 1  # the good job's summary
+    assert "lr=-1: must be a positive number" in proc.stderr + proc.stdout
+    assert "1 of 2 jobs failed" in proc.stderr and "see the job errors above" in proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -39,7 +39,8 @@ class SweepSummary(Callback):
         if config.get("dry_run"):
             # Dry runs print their own summary and leave results.json only when they fail.
             failed = [r for r in runs if r.status == "failed"]
-            self._exit_if_failed(failed, len(runs), sweep_dir)
+            # (the sweep folder of a dry run is a temporary one, gone after the sweep: cli.py)
+            self._exit_if_failed(failed, len(runs), "the job errors above")
             return
         failed = [r for r in runs if r.status != "completed"]
         try:
@@ -49,10 +50,10 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s", sweep_dir / "summary.md")
         except Exception:  # the sweep's results are safe in its job folders; say so loudly
             log.exception("could not write the sweep summary; `cifar-report %s` retries", sweep_dir)
-        self._exit_if_failed(failed, len(runs), sweep_dir / "summary.md")
+        self._exit_if_failed(failed, len(runs), str(sweep_dir / "summary.md"))
 
     @staticmethod
-    def _exit_if_failed(failed: list, total: int, see: Path) -> None:
+    def _exit_if_failed(failed: list, total: int, see: str) -> None:
         if not failed:
             return
         names = ", ".join(r.path.name for r in failed[:3]) + (", ..." if len(failed) > 3 else "")

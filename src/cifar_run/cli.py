@@ -198,11 +198,11 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
                 )
 
 
-def preflight(argv: list[str]) -> bool:
+def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job the command line asks for; exit 2 on a mistake.
 
-    Returns True for a single dry run into the default run folder (which then need not
-    exist: see main)."""
+    Returns the Hydra folder key (`hydra.run.dir` or `hydra.sweep.dir`) of a dry run that
+    left it at its default under outputs/ (see _dry_run_without_folders), else None."""
     flags = {a.split("=")[0] for a in argv if a.startswith("-")}
     if flags & _MULTIRUN_FLAGS and flags & _MODE_FLAGS:
         mode = sorted(flags & _MODE_FLAGS)[-1]
@@ -211,7 +211,7 @@ def preflight(argv: list[str]) -> bool:
             f"per key to see a job (e.g. `cifar-run batch_size=8 {mode} ...`)"
         )
     if any(a.split("=")[0] in _HYDRA_ONLY_FLAGS for a in argv):
-        return False
+        return None
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
 
@@ -233,6 +233,7 @@ def preflight(argv: list[str]) -> bool:
     if sweeps and not multirun:
         fail(f"{sweeps[0]}: several values need multirun; add -m")
     jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
+    all_dry = True
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         if hydra_overrides:  # hydra/launcher=..., hydra.sweep.dir=...: checked once for all jobs
             try:
@@ -245,6 +246,7 @@ def preflight(argv: list[str]) -> bool:
             except Exception as exc:  # the defaults alone (composed only now) name the known keys
                 fail(_compose_error(exc, job, compose(config_name="config")))
             _check_added_keys(job, options)
+            all_dry = all_dry and bool(cfg.dry_run)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
                 try:
@@ -255,8 +257,9 @@ def preflight(argv: list[str]) -> bool:
                     fail(str(exc))
         if multirun and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
             _check_completed_jobs(jobs, hydra_overrides)
-    chosen_dir = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
-    return not multirun and bool(cfg.dry_run) and not chosen_dir
+    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    chosen = any(o.startswith(f"{folder_key}=") for o in hydra_overrides)
+    return folder_key if all_dry and not chosen else None
 
 
 def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> None:
@@ -289,15 +292,15 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
             )
 
 
-def _dry_run_without_run_folder() -> None:
-    """Hydra makes the run folder (.hydra/, the log) before the job starts; a dry run
-    writes nothing of its own, so give Hydra a temporary folder and remove it afterwards
-    instead of leaving an empty run under outputs/."""
+def _dry_run_without_folders(folder_key: str) -> None:
+    """Hydra makes the run or sweep folder (.hydra/, logs, job folders) before any job
+    starts; a dry run writes nothing of its own, so give Hydra a temporary folder and
+    remove it afterwards instead of leaving empty runs under outputs/."""
     import shutil
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="cifar-run-dry-")
-    sys.argv.append(f"hydra.run.dir={folder}")
+    sys.argv.append(f"{folder_key}={folder}")
     try:
         _hydra_main()
     finally:
@@ -325,8 +328,9 @@ def main() -> None:
     """Entry point of `cifar-run`."""
     for key, value in OPENMP_ENV.items():  # before anything imports torch
         os.environ.setdefault(key, value)
-    if preflight(sys.argv[1:]):
-        _dry_run_without_run_folder()
+    folder_key = preflight(sys.argv[1:])
+    if folder_key is not None:
+        _dry_run_without_folders(folder_key)
     else:
         _hydra_main()
 
