@@ -257,6 +257,25 @@ def test_a_new_run_does_not_overwrite_a_run_folder(tmp_path: Path) -> None:
     assert f"hydra.run.dir={run_dir}" in proc.stderr and "resume=true" in proc.stderr
 
 
+def test_keep_state_false_removes_state_pt_and_the_folder_stays_guarded(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(compose_cfg([*TINY, "keep_state=false"]), run_dir)
+    assert not checkpoint.state_path(run_dir).exists()
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert _results(run_dir)["status"] == "completed"
+    metrics = (run_dir / "metrics.csv").read_text()
+
+    fresh = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert fresh.returncode == 2 and "already holds a completed run" in fresh.stderr
+    again = run_cli(*TINY, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 0 and "already completed" in again.stdout, again.stderr
+    other = run_cli(*TINY, "lr=0.02", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    lines = [line for line in other.stderr.splitlines() if line.strip()]
+    assert other.returncode == 2 and len(lines) == 1 and "lr: 0.01 -> 0.02" in lines[0]
+    assert (run_dir / "metrics.csv").read_text() == metrics  # nothing rewritten
+
+
 def test_deterministic_runs_repeat_exactly(tmp_path: Path) -> None:
     first = run(compose_cfg([*RESUMABLE, "epochs=1"]), tmp_path / "a")
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
@@ -330,7 +349,9 @@ def test_checkpoint_holds_only_what_weights_only_loads(tmp_path: Path) -> None:
 
 def test_config_diff_ignores_keys_that_do_not_change_results() -> None:
     base = compose_cfg(TINY)
-    same = compose_cfg([*TINY, "resume=true", "data.cache_dir=/elsewhere", "device=auto"])
+    same = compose_cfg(
+        [*TINY, "resume=true", "data.cache_dir=/elsewhere", "device=auto", "keep_state=false"]
+    )
     assert checkpoint.config_diff(base, same) == []
     assert checkpoint.config_hash(base) == checkpoint.config_hash(same)
     other = compose_cfg([*TINY, "seed=1", "optim.momentum=0.5"])

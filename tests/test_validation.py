@@ -27,6 +27,7 @@ BAD_VALUES = [
     ("device=cuda:x", "device=cuda:x"),
     ("dry_run=maybe", "dry_run=maybe"),
     ("resume=1", "resume=1"),
+    ("keep_state=sometimes", "keep_state=sometimes"),
     ("deterministic=yes", "deterministic=yes"),
     ("data.name=mnist", "data.name=mnist"),
     ("data.download=maybe", "data.download=maybe"),

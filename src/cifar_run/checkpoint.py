@@ -33,7 +33,15 @@ _REQUIRED = ("epoch", "history", "best", "model", "optimizer", "scheduler", "rng
 # itself, where the decode cache lives, whether downloading is allowed, Hydra's own settings.
 # `device` is compared by kind (cpu / cuda) in `check_config`, not by spelling: `auto`,
 # `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
-IGNORED_KEYS = ("resume", "dry_run", "device", "data.cache_dir", "data.download", "hydra")
+IGNORED_KEYS = (
+    "resume",
+    "dry_run",
+    "keep_state",
+    "device",
+    "data.cache_dir",
+    "data.download",
+    "hydra",
+)
 
 
 @dataclass
@@ -110,9 +118,13 @@ def check_config(ckpt: Checkpoint, cfg: DictConfig, device: torch.device) -> Non
     saved_device = torch.device(ckpt.data.get("device", "cpu"))
     if saved_device.type != device.type:
         differences.append(f"device: {saved_device.type} -> {device.type}")
+    _refuse_differences(ckpt.path, differences)
+
+
+def _refuse_differences(path: Path, differences: list[str]) -> None:
     if differences:
         raise CheckpointError(
-            f"resume=true: {ckpt.path} belongs to another config ({'; '.join(differences)}); "
+            f"resume=true: {path} belongs to another config ({'; '.join(differences)}); "
             "resume with the run's own overrides (its config.yaml), or start a new run"
         )
 
@@ -193,12 +205,37 @@ def open_for_resume(out_dir: str | Path, cfg: DictConfig, device: torch.device) 
     return ckpt
 
 
+def open_resume(
+    out_dir: str | Path, cfg: DictConfig, device: torch.device
+) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+    """`resume=true`: (the checkpoint to continue from, None), or (None, its results) when
+    the run in `out_dir` has completed already. Either way checked against `cfg`: from
+    state.pt, or from config.yaml when keep_state=false has removed state.pt."""
+    done = completed_results(out_dir)
+    if done is None or state_path(out_dir).exists():
+        ckpt = open_for_resume(out_dir, cfg, device)
+        return (ckpt, None) if done is None else (None, done)
+    saved = Path(out_dir) / "config.yaml"
+    try:
+        record = OmegaConf.to_container(OmegaConf.load(saved))
+    except Exception:  # missing or unreadable: nothing to compare with
+        return None, done
+    _refuse_differences(saved, config_diff(record, cfg))
+    return None, done
+
+
 def refuse_overwrite(out_dir: str | Path) -> None:
-    """A fresh run must not overwrite another run's checkpoint (and with it its results)."""
+    """A fresh run must not overwrite another run's checkpoint or results (a completed run
+    with keep_state=false has results.json but no state.pt)."""
     if state_path(out_dir).exists():
         raise UserError(
             f"hydra.run.dir={out_dir}: already holds a run ({STATE_FILE}); add resume=true to "
             "continue it, or choose another folder"
+        )
+    if completed_results(out_dir) is not None:
+        raise UserError(
+            f"hydra.run.dir={out_dir}: already holds a completed run (results.json); "
+            "choose another folder"
         )
 
 

@@ -165,7 +165,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     from hydra import compose
     from omegaconf import open_dict
 
-    from cifar_run.checkpoint import open_for_resume, refuse_overwrite
+    from cifar_run.checkpoint import open_resume, refuse_overwrite
     from cifar_run.run import resolve_device
 
     cfg = compose(config_name="config", overrides=job + hydra_overrides, return_hydra_config=True)
@@ -176,7 +176,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     with open_dict(cfg):
         del cfg["hydra"]
     if cfg.resume:
-        open_for_resume(run_dir, cfg, resolve_device(cfg.device))
+        open_resume(run_dir, cfg, resolve_device(cfg.device))
     else:
         refuse_overwrite(run_dir)
 

@@ -46,6 +46,7 @@ REQUIRED_KEYS = {
         "precision",
         "compile",
         "tta",
+        "keep_state",
     ),
     "data": ("name", "root", "download", "val_size", "subset", "split_seed", "cache_dir"),
 }
@@ -381,6 +382,7 @@ def check_top_level(cfg: DictConfig) -> None:
     one_of("tta", cfg.tta, TTA_MODES)
     boolean("dry_run", cfg.dry_run)
     boolean("resume", cfg.resume)
+    boolean("keep_state", cfg.keep_state)
     boolean("deterministic", cfg.deterministic)
     boolean("preview", cfg.preview)
 

@@ -111,8 +111,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     resume_from = None
     if out_dir is not None and not cfg.dry_run:
         if cfg.resume:
-            resume_from = checkpoint.open_for_resume(out_dir, cfg, device)
-            done = checkpoint.completed_results(out_dir)
+            resume_from, done = checkpoint.open_resume(out_dir, cfg, device)
             if done is not None:
                 print(
                     f"{out_dir}: already completed (test_acc {done.get('test_acc')}); "
@@ -163,6 +162,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     results["status"] = "completed"
     if out_dir is not None:
         report.write_results(out_dir, results, rows, notes)
+        if not cfg.keep_state:  # only after results.json says completed: a resume needs it
+            checkpoint.state_path(out_dir).unlink(missing_ok=True)
     return results
 
 
