@@ -215,13 +215,18 @@ def open_resume(
     if done is None or state_path(out_dir).exists():
         ckpt = open_for_resume(out_dir, cfg, device)
         return (ckpt, None) if done is None else (None, done)
-    saved = Path(out_dir) / "config.yaml"
-    try:
-        record = OmegaConf.to_container(OmegaConf.load(saved))
-    except Exception:  # missing or unreadable: nothing to compare with
-        return None, done
-    _refuse_differences(saved, config_diff(record, cfg))
+    _refuse_differences(Path(out_dir) / "config.yaml", run_config_diff(out_dir, cfg))
     return None, done
+
+
+def run_config_diff(out_dir: str | Path, cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """config_diff between the config.yaml a run wrote into `out_dir` and `cfg`; empty when
+    there is no readable config.yaml (nothing to compare with)."""
+    try:
+        record = OmegaConf.to_container(OmegaConf.load(Path(out_dir) / "config.yaml"))
+    except Exception:  # missing, or not YAML OmegaConf can read
+        return []
+    return config_diff(record, cfg)
 
 
 def refuse_overwrite(out_dir: str | Path) -> None:

@@ -210,9 +210,9 @@ def preflight(argv: list[str]) -> str | None:
             f"{mode} with -m: Hydra takes one mode at a time; drop -m and give one value "
             f"per key to see a job (e.g. `cifar-run batch_size=8 {mode} ...`)"
         )
-    if any(a.split("=")[0] in _HYDRA_ONLY_FLAGS for a in argv):
+    if flags & _HYDRA_ONLY_FLAGS:
         return None
-    multirun = any(a in _MULTIRUN_FLAGS for a in argv)
+    multirun = bool(flags & _MULTIRUN_FLAGS)
     overrides = [a for a in argv if not a.startswith("-")]
 
     from hydra import compose, initialize_config_dir
@@ -268,25 +268,25 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
     job's config.yaml differs from the job this command would run: skipping it would report
     the old config's results as the new one's. Call inside initialize_config_dir."""
     from hydra import compose
+    from omegaconf import open_dict
 
-    from cifar_run.checkpoint import config_diff
+    from cifar_run.checkpoint import run_config_diff
 
     for num, job in enumerate(jobs):
-        full = compose(
+        cfg = compose(
             config_name="config", overrides=[*job, *hydra_overrides], return_hydra_config=True
         )
-        name = sweep.job_dir_name(num, full.hydra.job.override_dirname)
-        folder = Path(str(full.hydra.sweep.dir)) / name
+        sweep_dir = str(cfg.hydra.sweep.dir)
+        name = sweep.job_dir_name(num, cfg.hydra.job.override_dirname)
+        folder = Path(sweep_dir) / name
         if sweep.read_status(folder) != "completed":
             continue
-        try:
-            saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
-        except Exception:  # missing or unreadable YAML: not a run folder this check can judge
-            continue
-        differences = config_diff(saved, compose(config_name="config", overrides=job))
+        with open_dict(cfg):
+            del cfg["hydra"]  # the job's own config, as it would write it
+        differences = run_config_diff(folder, cfg)
         if differences:
             fail(
-                f"hydra.sweep.dir={full.hydra.sweep.dir}: job {name} there completed with "
+                f"hydra.sweep.dir={sweep_dir}: job {name} there completed with "
                 f"another config ({'; '.join(differences[:3])}); a rerun would skip it and "
                 "report its results as this config's: choose a new hydra.sweep.dir"
             )
