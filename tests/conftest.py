@@ -65,3 +65,9 @@ def run_script(
 ) -> subprocess.CompletedProcess[str]:
     """`python scripts/NAME ARGS` in a subprocess, as the docs run the benchmarks."""
     return _run([sys.executable, str(REPO / "scripts" / name), *args], cwd, env, timeout)
+
+
+def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`cifar-report ARGS` in a subprocess."""
+    code = "from cifar_run.cli import report_main; report_main()"
+    return _run([sys.executable, "-c", code, *args], cwd, None, 120)

@@ -15,8 +15,8 @@ from cifar_run import report
 from cifar_run.cli import CONF_DIR
 from cifar_run.summary import load_runs, summarize
 
-from .conftest import compose_cfg, run_cli
-from .test_sweep import PNG_MAGIC, run_report
+from .conftest import compose_cfg, run_cli, run_report
+from .test_sweep import PNG_MAGIC
 
 
 def make_run(

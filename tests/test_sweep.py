@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,23 +15,9 @@ from omegaconf import OmegaConf
 from cifar_run import sweep
 from cifar_run.errors import UserError
 
-from .conftest import REPO, TEST_DATA, TINY, run_cli
+from .conftest import TEST_DATA, TINY, run_cli, run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`cifar-report ARGS` in a subprocess."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    code = "from cifar_run.cli import report_main; report_main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
