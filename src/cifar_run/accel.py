@@ -1,5 +1,5 @@
-"""Speed settings: CPU threads, mixed precision, memory format, the CPU routes for small
-convolutions and 2x2 max pools, and torch.compile.
+"""Speed settings: CPU threads, mixed precision, memory format, convolution weight gradients
+and torch.compile.
 
 Plain values in, torch objects out; run.py and scripts/bench.py read the config and call
 these, so the CLI and the benchmark train the same way. The rules, and the measurements
@@ -16,7 +16,6 @@ from torch import nn
 from cifar_run.constants import PRECISIONS
 from cifar_run.conv_grad import use_tap_weight_grads
 from cifar_run.errors import UserError
-from cifar_run.pool import use_pool2x2
 
 
 def set_threads(threads: int | None) -> int:
@@ -127,19 +126,6 @@ def tap_conv_grads(model: nn.Module, device: torch.device, compile: bool = False
     return use_tap_weight_grads(model)
 
 
-def pool2x2(model: nn.Module, device: torch.device, compile: bool = False) -> int:
-    """On the CPU, let the model's 2x2 max pools run as elementwise maximums
-    (cifar_run.pool: LeNet-5's first pool 1.3 -> 0.8 ms with its index, a step 5-8% faster).
-    Outputs and gradients are aten's exactly. Returns how many pools may take that route.
-
-    Not under `compile`: inductor generates its own pooling kernels, and the custom autograd
-    Function would split its graph.
-    """
-    if device.type != "cpu" or compile:
-        return 0
-    return use_pool2x2(model)
-
-
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     """`torch.compile(model)` when enabled, else the model itself.
 
@@ -163,13 +149,11 @@ class Speed:
 def speed_setup(
     model: nn.Module, device: torch.device, precision: str, compile: bool = False
 ) -> Speed:
-    """Resolve `precision`, swap in conv_grad's convolutions and pool's 2x2 max pools (CPU,
-    not under compile), compile if asked and pick the batches' memory format: one call, so
-    run.py and scripts/bench.py train the same way. Keep `model` for state dicts and
-    pruning."""
+    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile),
+    compile if asked and pick the batches' memory format: one call, so run.py and
+    scripts/bench.py train the same way. Keep `model` for state dicts and pruning."""
     resolved = resolve_precision(precision, device)
     tap_conv_grads(model, device, compile=compile)
-    pool2x2(model, device, compile=compile)
     return Speed(
         net=compiled(model, compile),
         precision=resolved,
