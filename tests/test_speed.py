@@ -140,14 +140,15 @@ def test_device_batches_equal_the_reference_pipeline_in_order_and_content(
         assert batches == len(ours) == 10
 
 
-def test_channels_last_only_for_nets_with_wide_convolutions() -> None:
+def test_channels_last_for_conv_nets_only() -> None:
     lenet = build_model(compose_cfg().model)
     resnet = build_model(compose_cfg(["model=resnet18"]).model)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
-    assert accel.memory_format(lenet, CPU) == torch.contiguous_format  # 3 and 6 channels
+    assert accel.memory_format(lenet, CPU) == torch.channels_last  # 3 and 6 channels too
     assert accel.memory_format(resnet, CPU) == torch.channels_last
     assert accel.memory_format(mlp, CPU) == torch.contiguous_format
     assert accel.memory_format(lenet, torch.device("cuda")) == torch.channels_last
+    assert accel.memory_format(lenet, torch.device("mps")) == torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,26 +88,18 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 # Memory format and compilation
 
 
-# oneDNN's NHWC convolution kernels vectorize over channels (16 fp32 or 32 bf16 values per
-# AVX-512 register), so a convolution with few input channels wastes most of each vector.
-# Measured on the 2-core Xeon (docs/benchmarks.md): channels_last made ResNet-18 (64-512
-# channels) about 15% faster and LeNet-5 (3 and 6 input channels) about 10% slower.
-MIN_NHWC_CHANNELS = 16
-
-
 def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
-    """channels_last (NHWC) batches for conv nets where it pays, else the default NCHW.
+    """channels_last (NHWC) batches for conv nets on the CPU and CUDA, else the default NCHW.
 
-    On CUDA, every conv net (cuDNN's tensor-core kernels work in NHWC). On the CPU, nets
-    whose convolutions after the first all read at least MIN_NHWC_CHANNELS channels (the
-    first reads the 3 image channels in any net). Only the batches change layout: the
-    model's weights stay NCHW, so state dicts, checkpoints and pruning see plain tensors
-    (torch's global pruning flattens weights with `view(-1)`, which NHWC weights refuse).
+    cuDNN's tensor-core kernels work in NHWC. On the CPU, oneDNN's NHWC kernels were faster
+    for every conv net measured, LeNet-5's 3- and 6-channel convolutions included (a step
+    16% faster in bf16, 22% in fp32: docs/benchmarks.md, "Speed settings"). Only the batches
+    change layout: the model's weights stay NCHW, so state dicts, checkpoints and pruning see
+    plain tensors (torch's global pruning flattens weights with `view(-1)`, which NHWC
+    weights refuse).
     """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs or device.type not in ("cpu", "cuda"):
-        return torch.contiguous_format
-    if device.type == "cpu" and any(c.in_channels < MIN_NHWC_CHANNELS for c in convs[1:]):
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if not has_conv or device.type not in ("cpu", "cuda"):
         return torch.contiguous_format
     return torch.channels_last
 
