@@ -102,13 +102,15 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """`key: saved -> current` for every result-affecting key that differs."""
+    """`key: saved -> current` for every result-affecting key that differs. A key set to
+    null counts as absent, so a key added later with a null default (`early_stop`) does not
+    set apart the runs of configs written before it."""
     old, new = config_snapshot(saved), config_snapshot(current)
     absent = "<absent>"
     return [
         f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}"
         for k in sorted(old.keys() | new.keys())
-        if old.get(k, absent) != new.get(k, absent)
+        if old.get(k) != new.get(k)
     ]
 
 

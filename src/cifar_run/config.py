@@ -373,6 +373,8 @@ def check_top_level(cfg: DictConfig) -> None:
     positive_int("batch_size", cfg.batch_size)
     positive_number("lr", cfg.lr)
     positive_int("epochs", cfg.epochs)
+    if cfg.get("early_stop") is not None:
+        positive_int("early_stop", cfg.early_stop)
     seed_value("seed", cfg.seed)
     check_device(cfg.device)
     if cfg.get("threads") is not None:
@@ -417,4 +419,8 @@ def validate(cfg: DictConfig) -> None:
     check_augment(cfg.augment)
     check_optim(cfg.optim)
     check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
+    if cfg.get("early_stop") is not None and cfg.data.val_size == 0:
+        raise UserError(
+            f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"
+        )
     check_pruning(cfg)

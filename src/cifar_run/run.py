@@ -84,6 +84,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "model": cfg.model.name,
         "params": params,
         "epochs": cfg.epochs,
+        "early_stop": cfg.get("early_stop"),
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "optimizer": cfg.optim.name,
@@ -274,7 +275,19 @@ def _train(
             report.write_metrics(out_dir, loop.history)
             atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
     history = loop.history
+    early_stop = cfg.get("early_stop")
     for epoch in range(loop.epoch + 1, cfg.epochs + 1):
+        # Checked before each epoch rather than after, so that a run resumed from the
+        # checkpoint of the epoch that spent the patience stops there too.
+        if early_stop is not None and loop.epoch - loop.best_epoch >= early_stop:
+            log.info(
+                "early stop after epoch %d: no better val acc than epoch %d's %.2f for %d epochs",
+                loop.epoch,
+                loop.best_epoch,
+                loop.best_acc,
+                early_stop,
+            )
+            break
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         try:
@@ -343,6 +356,8 @@ def _train(
         "train_seconds": sum(r["seconds"] for r in history),
         "test_seconds": test.seconds,
         "final_train_acc": history[-1]["train_acc"],
+        "epochs_run": loop.epoch,
+        "stopped_early": loop.epoch < cfg.epochs,
     }
     if not (settings.enabled or settings.curve):
         return results
