@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.run import run
 
-from .conftest import REPO, TINY, compose_cfg, run_cli
+from .conftest import REPO, TEST_DATA, TINY, compose_cfg, run_cli
 
 # TINY over three epochs with the augmentation stream in play: 90 training images, 3 steps
 # per epoch at batch size 32, 10 validation images.
@@ -236,6 +237,26 @@ def test_resume_under_another_config_names_the_differences(tmp_path: Path) -> No
     # Refused before Hydra starts: it did not write its record into the folder.
     assert (run_dir / ".hydra").exists() == overrides
     assert _results(run_dir)["status"] == "completed"
+
+
+def test_resume_takes_the_data_folder_by_location_not_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    run(compose_cfg(TINY), run_dir)  # data.root absolute
+    # As if killed after the last checkpoint, before the test pass.
+    (run_dir / "results.json").write_text(json.dumps({"status": "running"}))
+    monkeypatch.chdir(tmp_path)
+    without_root = [a for a in TINY if not a.startswith("data.root=")]
+    relative = f"data.root={os.path.relpath(TEST_DATA, tmp_path)}"
+    resumed = run(compose_cfg([*without_root, relative, "resume=true"]), run_dir)
+    assert resumed["epochs_run"] == 1 and _results(run_dir)["status"] == "completed"
+
+    copy = tmp_path / "copy"  # the same images in another folder: another data.root
+    shutil.copytree(TEST_DATA, copy)
+    (run_dir / "results.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(CheckpointError, match=r"data\.root: .* -> copy"):
+        run(compose_cfg([*without_root, "data.root=copy", "resume=true"]), run_dir)
 
 
 def test_completed_run_is_not_retrained(tmp_path: Path) -> None:

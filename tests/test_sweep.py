@@ -284,8 +284,8 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
     original, _, args = two_job_sweep
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(original, sweep_dir)
-    other_root = tmp_path / "other-data"
-    other_root.symlink_to(TEST_DATA, target_is_directory=True)
+    other_root = tmp_path / "other-data"  # the same images in another folder
+    shutil.copytree(TEST_DATA, other_root)
     files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
     before = [p.stat().st_mtime_ns for p in files]
 
@@ -297,6 +297,25 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
     assert len(lines) == 1 and "data.root" in lines[0] and "hydra.sweep.dir" in lines[0], lines
     assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
     assert [p.stat().st_mtime_ns for p in files] == before  # nothing touched
+
+
+@pytest.mark.slow
+def test_rerun_with_the_data_folder_spelt_relative_skips_the_completed_jobs(
+    two_job_sweep: tuple, tmp_path: Path, cache_dir: Path
+) -> None:
+    original, _, args = two_job_sweep
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(original, sweep_dir)
+    jobs = job_dirs(sweep_dir)
+    stamps = [(j / "results.json").stat().st_mtime_ns for j in jobs]
+
+    rerun = [a for a in args if not a.startswith(("hydra.sweep.dir=", "data.root="))]
+    relative = os.path.relpath(TEST_DATA, tmp_path)  # the sweep ran with the absolute path
+    rerun += [f"hydra.sweep.dir={sweep_dir}", f"data.root={relative}"]
+    proc = run_cli(*rerun, cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipping completed job") == 2
+    assert [(j / "results.json").stat().st_mtime_ns for j in jobs] == stamps
 
 
 def test_dry_run_sweep_checks_every_job_and_writes_nothing(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,31 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+# Keys naming a folder, relative to the working directory of the command that set them.
+PATH_KEYS = ("data.root",)
+
+
+def _folder(path: str, cwd: str) -> str:
+    return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
+def config_diff(
+    saved: Mapping[str, Any], current: Mapping[str, Any], saved_cwd: str | None = None
+) -> list[str]:
     """`key: saved -> current` for every result-affecting key that differs. A key set to
     null counts as absent, so a key added later with a null default (`early_stop`) does not
-    set apart the runs of configs written before it."""
+    set apart the runs of configs written before it.
+
+    With `saved_cwd`, the working directory of the run that wrote `saved`, path keys are
+    compared as the folders they name (`tests/data` there and its absolute path here agree);
+    without it, as written."""
     old, new = config_snapshot(saved), config_snapshot(current)
+    if saved_cwd is not None:
+        for key in PATH_KEYS:
+            was, now = old.get(key), new.get(key)
+            if isinstance(was, str) and isinstance(now, str):
+                if _folder(was, saved_cwd) == _folder(now, os.getcwd()):
+                    old[key] = now
     absent = "<absent>"
     return [
         f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}"
@@ -116,7 +137,7 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 
 def check_config(ckpt: Checkpoint, cfg: DictConfig, device: torch.device) -> None:
     """Refuse to resume under a config that would give other numbers than the original."""
-    differences = config_diff(ckpt.data["config"], cfg)
+    differences = config_diff(ckpt.data["config"], cfg, ckpt.data.get("cwd"))
     saved_device = torch.device(ckpt.data.get("device", "cpu"))
     if saved_device.type != device.type:
         differences.append(f"device: {saved_device.type} -> {device.type}")
@@ -167,6 +188,7 @@ def save(
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
         "device": str(device),
+        "cwd": os.getcwd(),  # what relative paths in the config are relative to
     }
     atomic.torch_save(payload, state_path(out_dir))
 
@@ -223,12 +245,22 @@ def open_resume(
 
 def run_config_diff(out_dir: str | Path, cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """config_diff between the config.yaml a run wrote into `out_dir` and `cfg`; empty when
-    there is no readable config.yaml (nothing to compare with)."""
+    there is no readable config.yaml (nothing to compare with). Paths are compared as folders
+    when Hydra's record of the run (.hydra/hydra.yaml) names its working directory."""
     try:
         record = OmegaConf.to_container(OmegaConf.load(Path(out_dir) / "config.yaml"))
     except Exception:  # missing, or not YAML OmegaConf can read
         return []
-    return config_diff(record, cfg)
+    return config_diff(record, cfg, _hydra_cwd(out_dir))
+
+
+def _hydra_cwd(out_dir: str | Path) -> str | None:
+    """hydra.runtime.cwd of the run in `out_dir`, if Hydra wrote its record there."""
+    try:
+        cwd = OmegaConf.load(Path(out_dir) / ".hydra" / "hydra.yaml").hydra.runtime.cwd
+    except Exception:  # no record (hydra.output_subdir=null, or a run made without Hydra)
+        return None
+    return cwd if isinstance(cwd, str) else None
 
 
 def refuse_overwrite(out_dir: str | Path) -> None:
