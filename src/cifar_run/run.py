@@ -281,11 +281,11 @@ def _train(
         # checkpoint of the epoch that spent the patience stops there too.
         if early_stop is not None and loop.epoch - loop.best_epoch >= early_stop:
             log.info(
-                "early stop after epoch %d: no better val acc than epoch %d's %.2f for %d epochs",
+                "early stop after epoch %d (early_stop=%d): val acc has not beaten epoch %d's %.2f",
                 loop.epoch,
+                early_stop,
                 loop.best_epoch,
                 loop.best_acc,
-                early_stop,
             )
             break
         t0 = time.perf_counter()
