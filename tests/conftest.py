@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,8 @@ def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`cifar-report ARGS` in a subprocess."""
     code = "from cifar_run.cli import report_main; report_main()"
     return _run([sys.executable, "-c", code, *args], cwd, None, 120)
+
+
+def read_results(folder: Path) -> dict:
+    """The results.json of a run or sweep job folder."""
+    return json.loads((folder / "results.json").read_text())

@@ -27,7 +27,7 @@ from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.run import run
 
-from .conftest import REPO, TEST_DATA, TINY, compose_cfg, run_cli
+from .conftest import REPO, TEST_DATA, TINY, compose_cfg, read_results, run_cli
 
 # TINY over three epochs with the augmentation stream in play: 90 training images, 3 steps
 # per epoch at batch size 32, 10 validation images.
@@ -73,10 +73,6 @@ def _metric_rows(run_dir: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
     sa = torch.load(a, weights_only=True)
     sb = torch.load(b, weights_only=True)
@@ -108,7 +104,7 @@ def _kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> b
         os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
     assert state.exists(), err
-    return _results(run_dir)["status"] != "completed"
+    return read_results(run_dir)["status"] != "completed"
 
 
 @pytest.mark.slow
@@ -124,7 +120,7 @@ def test_killed_run_resumes_to_the_same_numbers_bit_for_bit(tmp_path: Path) -> N
     else:
         pytest.fail("every run finished before it could be killed")
 
-    interrupted = _results(killed)
+    interrupted = read_results(killed)
     assert interrupted["status"] == "running"  # a killed run claims nothing
     assert not (killed / "results.csv").exists()
     done = checkpoint.load(checkpoint.state_path(killed)).epoch
@@ -136,7 +132,7 @@ def test_killed_run_resumes_to_the_same_numbers_bit_for_bit(tmp_path: Path) -> N
     proc = run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
-    a, b = _results(killed), _results(straight)
+    a, b = read_results(killed), read_results(straight)
     assert a["status"] == b["status"] == "completed"
     for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "final_train_acc"):
         assert a[key] == b[key], key
@@ -152,14 +148,14 @@ def test_crashed_run_resumes_from_its_last_checkpoint(
     run_dir = tmp_path / "run"
     exc = _faulty_run(monkeypatch, run_dir, at=STEPS_PER_EPOCH + 2, fault="crash")
     assert str(exc) == "simulated crash"
-    failed = _results(run_dir)
+    failed = read_results(run_dir)
     assert failed["status"] == "failed" and failed["error"] == "simulated crash"
     first_rows = _metric_rows(run_dir)
     assert checkpoint.load(checkpoint.state_path(run_dir)).epoch == 1 and len(first_rows) == 1
 
     proc = run_cli(*RESUMABLE, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert _results(run_dir)["status"] == "completed"
+    assert read_results(run_dir)["status"] == "completed"
     rows = _metric_rows(run_dir)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0] == first_rows[0]
     assert checkpoint.load(checkpoint.state_path(run_dir)).epoch == 3
@@ -181,7 +177,7 @@ def test_truncated_checkpoint_is_one_line_naming_the_file(
     assert len(lines) == 1 and str(state) in lines[0], proc.stderr
     assert "truncated or corrupt" in lines[0] and "Traceback" not in proc.stderr
     # Never a silent restart: the run folder is as the crash left it.
-    assert _metric_rows(run_dir) == before and _results(run_dir)["status"] == "failed"
+    assert _metric_rows(run_dir) == before and read_results(run_dir)["status"] == "failed"
 
     state.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="state.pt"):
@@ -200,7 +196,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     assert f"epoch 2, step 2/{STEPS_PER_EPOCH}" in message and "(lr 0.0075)" in message
     assert "loss nan" in message and "epoch 1" in message
 
-    results = _results(run_dir)
+    results = read_results(run_dir)
     assert results["status"] == "failed" and results["error"] == message
     assert not (run_dir / "results.csv").exists() and len(_metric_rows(run_dir)) == 1
     state = torch.load(checkpoint.state_path(run_dir), weights_only=True)
@@ -219,7 +215,7 @@ def test_diverging_cli_run_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "training diverged" in lines[0] and "epoch 1, step" in lines[0]
     assert "lr 1e+30" in lines[0]
-    assert _results(run_dir)["status"] == "failed"
+    assert read_results(run_dir)["status"] == "failed"
     assert not checkpoint.state_path(run_dir).exists()
 
 
@@ -236,7 +232,7 @@ def test_resume_under_another_config_names_the_differences(tmp_path: Path) -> No
     assert "epochs" not in lines[0]  # only the keys that differ
     # Refused before Hydra starts: it did not write its record into the folder.
     assert (run_dir / ".hydra").exists() == overrides
-    assert _results(run_dir)["status"] == "completed"
+    assert read_results(run_dir)["status"] == "completed"
 
 
 def test_resume_takes_the_data_folder_by_location_not_spelling(
@@ -250,7 +246,7 @@ def test_resume_takes_the_data_folder_by_location_not_spelling(
     without_root = [a for a in TINY if not a.startswith("data.root=")]
     relative = f"data.root={os.path.relpath(TEST_DATA, tmp_path)}"
     resumed = run(compose_cfg([*without_root, relative, "resume=true"]), run_dir)
-    assert resumed["epochs_run"] == 1 and _results(run_dir)["status"] == "completed"
+    assert resumed["epochs_run"] == 1 and read_results(run_dir)["status"] == "completed"
 
     copy = tmp_path / "copy"  # the same images in another folder: another data.root
     shutil.copytree(TEST_DATA, copy)
@@ -284,7 +280,7 @@ def test_keep_state_false_removes_state_pt_and_the_folder_stays_guarded(tmp_path
     assert not checkpoint.state_path(run_dir).exists()
     assert (run_dir / "checkpoints" / "best.pt").exists()
     assert (run_dir / "checkpoints" / "last.pt").exists()
-    assert _results(run_dir)["status"] == "completed"
+    assert read_results(run_dir)["status"] == "completed"
     metrics = (run_dir / "metrics.csv").read_text()
 
     fresh = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -15,17 +16,24 @@ from omegaconf import OmegaConf
 from cifar_run import sweep
 from cifar_run.errors import UserError
 
-from .conftest import TEST_DATA, TINY, run_cli, run_report
+from .conftest import TEST_DATA, TINY, read_results, run_cli, run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def rerun_into(
+    sweep_dir: Path, args: tuple, cwd: Path, cache_dir: Path, changes: dict | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The sweep command `args` again, into `sweep_dir`, with the `changes` (key: value) in
+    place of the values it had."""
+    changes = {"hydra.sweep.dir": sweep_dir, **(changes or {})}
+    kept = [a for a in args if a.split("=")[0] not in changes]
+    changed = [f"{key}={value}" for key, value in changes.items()]
+    return run_cli(*kept, *changed, cwd=cwd, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def results(job: Path) -> dict:
-    return json.loads((job / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def test_two_job_sweep_writes_summary_table_and_plot(two_job_sweep: tuple) -> No
     assert (table["status"] == "completed").all()
     assert table["test_acc"].between(0, 100).all()
     for job, (_, row) in zip(jobs, table.iterrows(), strict=True):
-        assert row["test_acc"] == pytest.approx(results(job)["test_acc"])
+        assert row["test_acc"] == pytest.approx(read_results(job)["test_acc"])
 
     md = (sweep_dir / "summary.md").read_text().splitlines()
     assert md[0].startswith("| lr |") and "test_acc" in md[0] and len(md) == 4
@@ -101,21 +109,19 @@ def test_interrupted_sweep_resumes_skipping_completed_jobs(
     shutil.copytree(original, sweep_dir)  # copy2 keeps modification times
     done, killed = job_dirs(sweep_dir)
     # What a kill during the second job leaves behind: its results.json still says running.
-    state = results(killed)
+    state = read_results(killed)
     state.pop("test_acc")
     (killed / "results.json").write_text(json.dumps({**state, "status": "running"}))
     files = ["results.json", "results.csv", "metrics.csv", "checkpoints/best.pt"]
     before = {f: (done / f).stat().st_mtime_ns for f in files}
     killed_before = (killed / "metrics.csv").stat().st_mtime_ns
 
-    rerun = [a for a in args if not a.startswith("hydra.sweep.dir=")]
-    rerun.append(f"hydra.sweep.dir={sweep_dir}")  # the same command, into the copy
-    proc = run_cli(*rerun, cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+    proc = rerun_into(sweep_dir, args, tmp_path, cache_dir)  # the same command, into the copy
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping completed job {done.name}" in proc.stdout
     assert f"skipping completed job {killed.name}" not in proc.stdout
     assert {f: (done / f).stat().st_mtime_ns for f in files} == before  # untouched
-    assert results(killed)["status"] == "completed" and "test_acc" in results(killed)
+    assert read_results(killed)["status"] == "completed" and "test_acc" in read_results(killed)
     assert (killed / "metrics.csv").stat().st_mtime_ns != killed_before  # trained again
     assert [j.name for j in job_dirs(sweep_dir)] == [done.name, killed.name]
     table = pd.read_csv(sweep_dir / "summary.csv")
@@ -129,8 +135,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     proc = run_cli("-m", *TINY, "lr=-1,0.01", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert proc.returncode != 0
     bad, good = job_dirs(sweep_dir)
-    assert results(bad)["status"] == "failed" and "lr=-1" in results(bad)["error"]
-    assert results(good)["status"] == "completed"
+    assert read_results(bad)["status"] == "failed" and "lr=-1" in read_results(bad)["error"]
+    assert read_results(good)["status"] == "completed"
 
     table = pd.read_csv(sweep_dir / "summary.csv").set_index("lr")
     assert table.loc[-1, "status"] == "failed"
@@ -158,10 +164,10 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     jobs = job_dirs(sweep_dir)
-    assert len(jobs) == 2 and all(results(j)["status"] == "completed" for j in jobs)
+    assert len(jobs) == 2 and all(read_results(j)["status"] == "completed" for j in jobs)
     # joblib gives each worker cores // n_jobs threads: together no more than the machine has.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert sum(results(j)["threads"] for j in jobs) <= max(cores, 2)
+    assert sum(read_results(j)["threads"] for j in jobs) <= max(cores, 2)
     table = pd.read_csv(sweep_dir / "summary.csv")
     assert sorted(table["lr"]) == [0.01, 0.02] and (table["status"] == "completed").all()
 
@@ -192,7 +198,7 @@ def test_run_job_records_a_crash_and_returns(tmp_path: Path) -> None:
         raise RuntimeError("loss is NaN at epoch 3\nmore detail")
 
     assert sweep.run_job(job_cfg(), tmp_path, 0, crash) == "failed"
-    assert results(tmp_path) == {"status": "failed", "error": "loss is NaN at epoch 3"}
+    assert read_results(tmp_path) == {"status": "failed", "error": "loss is NaN at epoch 3"}
 
 
 def test_run_job_keeps_the_failure_run_recorded(tmp_path: Path) -> None:
@@ -205,7 +211,7 @@ def test_run_job_keeps_the_failure_run_recorded(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "error": "stale"}))
     os.utime(tmp_path / "results.json", ns=(0, 0))  # from an earlier attempt
     assert sweep.run_job(job_cfg(), tmp_path, 0, fails_in_training) == "failed"
-    assert results(tmp_path)["model"] == "lenet5"  # run()'s own record is kept
+    assert read_results(tmp_path)["model"] == "lenet5"  # run()'s own record is kept
 
 
 def test_run_job_replaces_a_stale_record_when_validation_fails(tmp_path: Path) -> None:
@@ -215,7 +221,7 @@ def test_run_job_replaces_a_stale_record_when_validation_fails(tmp_path: Path) -
     (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "error": "old"}))
     os.utime(tmp_path / "results.json", ns=(0, 0))
     assert sweep.run_job(job_cfg(), tmp_path, 0, rejects) == "failed"
-    assert results(tmp_path)["error"] == "lr=-1: must be a positive number"
+    assert read_results(tmp_path)["error"] == "lr=-1: must be a positive number"
 
 
 def test_run_job_skips_a_completed_job(tmp_path: Path) -> None:
@@ -289,9 +295,7 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
     files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
     before = [p.stat().st_mtime_ns for p in files]
 
-    rerun = [a for a in args if not a.startswith(("hydra.sweep.dir=", "data.root="))]
-    rerun += [f"hydra.sweep.dir={sweep_dir}", f"data.root={other_root}"]
-    proc = run_cli(*rerun, cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+    proc = rerun_into(sweep_dir, args, tmp_path, cache_dir, {"data.root": other_root})
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "data.root" in lines[0] and "hydra.sweep.dir" in lines[0], lines
@@ -309,10 +313,8 @@ def test_rerun_with_the_data_folder_spelt_relative_skips_the_completed_jobs(
     jobs = job_dirs(sweep_dir)
     stamps = [(j / "results.json").stat().st_mtime_ns for j in jobs]
 
-    rerun = [a for a in args if not a.startswith(("hydra.sweep.dir=", "data.root="))]
     relative = os.path.relpath(TEST_DATA, tmp_path)  # the sweep ran with the absolute path
-    rerun += [f"hydra.sweep.dir={sweep_dir}", f"data.root={relative}"]
-    proc = run_cli(*rerun, cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache_dir)})
+    proc = rerun_into(sweep_dir, args, tmp_path, cache_dir, {"data.root": relative})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipping completed job") == 2
     assert [(j / "results.json").stat().st_mtime_ns for j in jobs] == stamps
