@@ -45,6 +45,16 @@ def two_job_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     return root / "sweep", proc, args
 
 
+@pytest.fixture
+def sweep_copy(two_job_sweep: tuple, tmp_path: Path) -> tuple[Path, tuple]:
+    """A copy of the shared sweep to rerun into (copy2 keeps modification times), and the
+    command that made it."""
+    original, _, args = two_job_sweep
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(original, sweep_dir)
+    return sweep_dir, args
+
+
 @pytest.mark.slow  # the shared sweep takes about 20 s
 def test_two_job_sweep_writes_summary_table_and_plot(two_job_sweep: tuple) -> None:
     sweep_dir, proc, _ = two_job_sweep
@@ -102,11 +112,9 @@ def test_report_on_two_run_folders_prints_a_table(two_job_sweep: tuple, tmp_path
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_skipping_completed_jobs(
-    two_job_sweep: tuple, tmp_path: Path, cache_dir: Path
+    sweep_copy: tuple, tmp_path: Path, cache_dir: Path
 ) -> None:
-    original, _, args = two_job_sweep
-    sweep_dir = tmp_path / "sweep"
-    shutil.copytree(original, sweep_dir)  # copy2 keeps modification times
+    sweep_dir, args = sweep_copy
     done, killed = job_dirs(sweep_dir)
     # What a kill during the second job leaves behind: its results.json still says running.
     state = read_results(killed)
@@ -283,13 +291,11 @@ def test_run_job_resumes_an_interrupted_job_from_its_checkpoint(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
-    two_job_sweep: tuple, tmp_path: Path, cache_dir: Path
+    sweep_copy: tuple, tmp_path: Path, cache_dir: Path
 ) -> None:
     # data.root is not in the job folder names: skipping the completed jobs would pass off
     # the old data's results as the new data's.
-    original, _, args = two_job_sweep
-    sweep_dir = tmp_path / "sweep"
-    shutil.copytree(original, sweep_dir)
+    sweep_dir, args = sweep_copy
     other_root = tmp_path / "other-data"  # the same images in another folder
     shutil.copytree(TEST_DATA, other_root)
     files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
@@ -305,11 +311,9 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
 
 @pytest.mark.slow
 def test_rerun_with_the_data_folder_spelt_relative_skips_the_completed_jobs(
-    two_job_sweep: tuple, tmp_path: Path, cache_dir: Path
+    sweep_copy: tuple, tmp_path: Path, cache_dir: Path
 ) -> None:
-    original, _, args = two_job_sweep
-    sweep_dir = tmp_path / "sweep"
-    shutil.copytree(original, sweep_dir)
+    sweep_dir, args = sweep_copy
     jobs = job_dirs(sweep_dir)
     stamps = [(j / "results.json").stat().st_mtime_ns for j in jobs]
 
