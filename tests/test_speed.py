@@ -242,3 +242,15 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
     accs = re.findall(r"evaluated in (fp32|bf16): acc ([\d.]+)%", proc.stdout)
     assert [a for a, _ in accs] == ["fp32", "bf16"], proc.stdout
     assert re.search(r"predictions that differ between the two: \d+ of 100", proc.stdout)
+
+
+def test_step_bench_times_both_memory_formats(tmp_path: Path) -> None:
+    args = ("model=lenet5", "batch_size=8", "--rounds", "2", "--steps", "2", "--warmup", "1")
+    proc = run_script("bench_step.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(
+        r"^(nchw|channels_last) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M
+    )
+    assert [name for name, _, _ in rows] == ["nchw", "channels_last"], proc.stdout
+    assert all(float(wall) > 0 for _, wall, _ in rows)
+    assert re.search(r"channels_last speed / nchw: median [\d.]+x per round", proc.stdout)

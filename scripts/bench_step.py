@@ -1,0 +1,108 @@
+"""Training steps of one model in NCHW and channels_last batches, in interleaved rounds.
+
+For a config given as cifar-run overrides, the script builds the model twice (same seed,
+same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
+CPU), and trains each on fixed random batches of `batch_size` for --steps steps per round,
+alternating which goes first, for --rounds rounds. It prints the median ms per step (wall
+and CPU time) of each memory format and the median of the per-round speed ratios
+channels_last / NCHW: the measurement behind `accel.memory_format`.
+
+OpenMP's waiting policy is read once per process, so compare it by running the script in
+separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
+the default (passive waits, as cifar-run sets them).
+
+Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
+    PYTHONPATH=src python scripts/bench_step.py model=lenet5 batch_size=64 --rounds 30
+    PYTHONPATH=src python scripts/bench_step.py model=lenet5 precision=fp32 --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from cifar_run.constants import OPENMP_ENV  # torch-free
+
+for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cifar_run import accel  # noqa: E402
+from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.models import build_model  # noqa: E402
+from cifar_run.optim import build_optimizer  # noqa: E402
+from cifar_run.run import seed_everything  # noqa: E402
+
+CPU = torch.device("cpu")
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="cifar-run overrides, e.g. model=lenet5")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = compose_config(["device=cpu", *args.overrides])
+    threads = accel.set_threads(cfg.get("threads"))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(8, cfg.batch_size, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
+
+    arms = {}
+    for name, fmt in FORMATS.items():
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model)
+        speed = accel.speed_setup(model, CPU, cfg.precision)
+        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+        batches = [x.contiguous(memory_format=fmt) for x in images]
+        arms[name] = (speed, optimizer, batches)
+    dtype = next(iter(arms.values()))[0].precision.dtype
+
+    def steps(name: str, count: int) -> None:
+        speed, optimizer, batches = arms[name]
+        for i in range(count):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(speed.net(batches[i % 8]), labels[i % 8])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    print(
+        f"config: model={cfg.model.name} batch_size={cfg.batch_size} precision={cfg.precision} "
+        f"({'fp32' if dtype is None else dtype}), {threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
+    )
+    wall: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
+    names = list(arms)
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            steps(name, args.warmup)
+            t, c = time.perf_counter(), time.process_time()
+            steps(name, args.steps)
+            wall[name].append(1e3 * (time.perf_counter() - t) / args.steps)
+            cpu[name].append(1e3 * (time.process_time() - c) / args.steps)
+    for name in names:
+        print(
+            f"{name:14s} ms per step: wall {statistics.median(wall[name]):.3f}, "
+            f"CPU {statistics.median(cpu[name]):.3f} (medians of {args.rounds} rounds)"
+        )
+    ratios = [a / b for a, b in zip(wall["nchw"], wall["channels_last"], strict=True)]
+    print(f"channels_last speed / nchw: median {statistics.median(ratios):.3f}x per round")
+
+
+if __name__ == "__main__":
+    main()
