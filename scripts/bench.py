@@ -20,12 +20,21 @@ epochs' training time only, no evaluation), the medians, the median of the per-r
 ours/reference, and the test accuracy of each arm after the epochs (the last epoch's
 weights; no validation-based selection, so the two are compared like with like).
 
+With --isolate every round of each arm runs in a fresh process under its own default
+OpenMP settings: ours with the passive waits cifar-run sets (unless the environment sets
+OMP_WAIT_POLICY), the reference with the environment as given, i.e. libgomp's spinning
+waits, as a user's own script runs. Without it both arms share this process and cifar-run's
+setting, which is kinder to the reference (its DataLoader workers and spinning threads
+oversubscribe the cores).
+
 With --flops it also counts the model's FLOPs per image (torch.utils.flop_counter: forward,
 and forward + backward as trained), times large fp32 and bf16 matrix multiplies as the
 machine's ceiling, and prints the achieved FLOP/s of each arm against it.
 
 Examples (the figures in docs/benchmarks.md):
     PYTHONPATH=src python scripts/bench.py --repeats 3 --flops experiment=report000 \\
+        prune=0 data=imagefolder data.root=../shared/data/cifar10-jpeg
+    PYTHONPATH=src python scripts/bench.py --isolate --repeats 3 experiment=report000 \\
         prune=0 data=imagefolder data.root=../shared/data/cifar10-jpeg
     PYTHONPATH=src python scripts/bench.py --repeats 3 --max-steps 30 --flops \\
         model=resnet18 augment=standard batch_size=128 epochs=1 \\
@@ -35,19 +44,27 @@ Examples (the figures in docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cifar_run.constants import OPENMP_ENV  # torch-free
 
-for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
-    os.environ.setdefault(_key, _value)
+# --isolate's reference processes get the environment as given (a plain script's defaults).
+PLAIN_ENV = "CIFAR_RUN_BENCH_PLAIN_ENV"
+GIVEN_ENV = dict(os.environ)
+if os.environ.get(PLAIN_ENV) != "1":
+    for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
+        os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
@@ -59,6 +76,7 @@ from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.config import validate  # noqa: E402
 from cifar_run.data import ArraySplit, Splits  # noqa: E402
 from cifar_run.engine import evaluate, train_one_epoch  # noqa: E402
+from cifar_run.errors import UserError  # noqa: E402
 from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 from cifar_run.optim import Schedule, build_optimizer, build_scheduler  # noqa: E402
@@ -91,6 +109,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
     )
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="each arm's round in a fresh process at its own default OpenMP settings",
+    )
+    # --isolate's child processes: one arm, one round, its result as a JSON line.
+    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.no_ours and args.no_reference:
         parser.error("--no-ours and --no-reference: nothing left to run")
@@ -102,10 +128,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
-    cfg = compose_config(["device=cpu", *overrides])
-    with open_dict(cfg):
-        cfg.prune = 0.0  # the bench times training; a pruning stage is not part of it
-    validate(cfg)
+    try:
+        cfg = compose_config(["device=cpu", *overrides])
+        with open_dict(cfg):
+            cfg.prune = 0.0  # the bench times training; a pruning stage is not part of it
+        validate(cfg)
+    except UserError as exc:
+        raise SystemExit(f"bench.py: {exc}") from None
     if cfg.augment.name not in ("none", "standard"):
         raise SystemExit(f"bench.py: augment={cfg.augment.name}: the reference has none|standard")
     if cfg.sched.get("monitor") is not None:
@@ -346,29 +375,71 @@ def _load_average() -> str:
         return "n/a"
 
 
+RESULT_TAG = "bench-result: "
+
+
+def run_child(args: argparse.Namespace, cfg: DictConfig) -> None:
+    """One arm, one round, in this fresh process (--isolate); the result as a JSON line."""
+    accel.set_threads(cfg.get("threads"))
+    train = train_ours if args.child == "ours" else train_reference
+    res = train(cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
+    result = {**dataclasses.asdict(res), "openmp": _openmp(dict(os.environ))}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_isolated(arm: str, seed: int, args: argparse.Namespace) -> tuple[ArmResult, str]:
+    """One arm, one round, in a fresh process; its result and the OpenMP settings it saw."""
+    cmd = [sys.executable, __file__, "--child", arm, "--child-seed", str(seed)]
+    if args.max_steps is not None:
+        cmd += ["--max-steps", str(args.max_steps)]
+    env = dict(os.environ) if arm == "ours" else {**GIVEN_ENV, PLAIN_ENV: "1"}
+    proc = subprocess.run([*cmd, *args.overrides], env=env, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        raise SystemExit(f"bench.py: the {arm} process failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
+    openmp = result.pop("openmp")
+    return ArmResult(**result), openmp
+
+
+def _openmp(env: dict[str, str]) -> str:
+    return ", ".join(f"{k}={env.get(k, 'unset')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+
+
 def main() -> None:
     args = parse_args()
     cfg = compose_cfg(args.overrides)
+    if args.child:
+        run_child(args, cfg)
+        return
     threads = accel.set_threads(cfg.get("threads"))
     precision = accel.resolve_precision(cfg.precision, torch.device("cpu"))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {threads} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {_load_average()}"
+        f"torch {torch.__version__}, {threads} threads, load average {_load_average()}"
     )
+    if args.isolate:
+        print(
+            f"isolated processes: ours {_openmp(dict(os.environ))}; "
+            f"reference {_openmp(GIVEN_ENV)} (unset: libgomp's spinning waits)"
+        )
+    else:
+        print(f"one process, both arms: {_openmp(dict(os.environ))}")
     print(
         f"config: model={cfg.model.name} batch_size={cfg.batch_size} epochs={cfg.epochs} "
         f"augment={cfg.augment.name} optim={cfg.optim.name} lr={cfg.lr} sched={cfg.sched.name} "
         f"precision={cfg.precision} ({precision.name}) compile={cfg.compile}"
         + (f" max_steps={args.max_steps}" if args.max_steps else "")
     )
-    t = time.perf_counter()
-    splits = load_splits(cfg.data)
-    print(
-        f"data: {len(splits.train)} train / {len(splits.test)} test images "
-        f"({time.perf_counter() - t:.1f} s)",
-        flush=True,
-    )
+    splits = None
+    if not args.isolate:
+        t = time.perf_counter()
+        splits = load_splits(cfg.data)
+        print(
+            f"data: {len(splits.train)} train / {len(splits.test)} test images "
+            f"({time.perf_counter() - t:.1f} s)",
+            flush=True,
+        )
 
     ours: list[ArmResult] = []
     refs: list[ArmResult] = []
@@ -378,15 +449,20 @@ def main() -> None:
         for arm in arms:
             if (arm == "reference" and args.no_reference) or (arm == "ours" and args.no_ours):
                 continue
-            train = train_ours if arm == "ours" else train_reference
-            res = train(cfg, splits, seed, args.max_steps)
+            openmp = ""
+            if splits is None:
+                res, openmp = run_isolated(arm, seed, args)
+                openmp = f" [{openmp}]"
+            else:
+                train = train_ours if arm == "ours" else train_reference
+                res = train(cfg, splits, seed, args.max_steps)
             (ours if arm == "ours" else refs).append(res)
             print(
                 f"round {r + 1} seed {seed} {arm:9s}: {res.images_per_s:8.1f} images/s "
                 f"(epochs: {', '.join(f'{x:.0f}' for x in res.epoch_rates)}), "
                 f"{res.cpu_ms_per_image:.3f} CPU ms/image, "
                 f"train loss {res.train_loss:.4f}, test acc {res.test_acc:.2f}%  "
-                f"[load {_load_average()}]",
+                f"[load {_load_average()}]{openmp}",
                 flush=True,
             )
 

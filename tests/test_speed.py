@@ -6,6 +6,7 @@ scripts/bench.py); these tests check that the fast paths compute what the plain 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -221,6 +222,20 @@ def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -
         ("1", "reference"),
     ], proc.stdout
     assert all(0.0 <= float(acc) <= 100.0 for *_, acc in rounds)
+    assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
+
+
+def test_bench_isolate_runs_each_arm_in_its_own_process_and_environment(tmp_path: Path) -> None:
+    # --isolate: the reference as a user's own script runs (the environment as given), ours
+    # as cifar-run runs (passive OpenMP waits unless the environment says otherwise).
+    proc = run_script("bench.py", "--isolate", "--repeats", "1", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    given = os.environ.get("OMP_WAIT_POLICY")
+    for arm, policy in (("ours", given or "PASSIVE"), ("reference", given or "unset")):
+        line = re.search(rf"round 1 seed 0 {arm} *:.*test acc ([\d.]+)%.*", proc.stdout)
+        assert line is not None, proc.stdout
+        assert 0.0 <= float(line.group(1)) <= 100.0
+        assert f"[OMP_WAIT_POLICY={policy}," in line.group(0), line.group(0)
     assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
 
 
