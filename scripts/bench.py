@@ -57,14 +57,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from cifar_run.constants import OPENMP_ENV  # torch-free
+from cifar_run.constants import set_openmp_defaults  # torch-free
 
 # --isolate's reference processes get the environment as given (a plain script's defaults).
 PLAIN_ENV = "CIFAR_RUN_BENCH_PLAIN_ENV"
 GIVEN_ENV = dict(os.environ)
 if os.environ.get(PLAIN_ENV) != "1":
-    for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
-        os.environ.setdefault(_key, _value)
+    set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
@@ -115,7 +114,7 @@ def parse_args() -> argparse.Namespace:
         help="each arm's round in a fresh process at its own default OpenMP settings",
     )
     # --isolate's child processes: one arm, one round, its result as a JSON line.
-    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.no_ours and args.no_reference:
@@ -375,14 +374,14 @@ def _load_average() -> str:
         return "n/a"
 
 
+ARMS = {"ours": train_ours, "reference": train_reference}
 RESULT_TAG = "bench-result: "
 
 
 def run_child(args: argparse.Namespace, cfg: DictConfig) -> None:
     """One arm, one round, in this fresh process (--isolate); the result as a JSON line."""
     accel.set_threads(cfg.get("threads"))
-    train = train_ours if args.child == "ours" else train_reference
-    res = train(cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
+    res = ARMS[args.child](cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
     result = {**dataclasses.asdict(res), "openmp": _openmp(dict(os.environ))}
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -454,8 +453,7 @@ def main() -> None:
                 res, openmp = run_isolated(arm, seed, args)
                 openmp = f" [{openmp}]"
             else:
-                train = train_ours if arm == "ours" else train_reference
-                res = train(cfg, splits, seed, args.max_steps)
+                res = ARMS[arm](cfg, splits, seed, args.max_steps)
             (ours if arm == "ours" else refs).append(res)
             print(
                 f"round {r + 1} seed {seed} {arm:9s}: {res.images_per_s:8.1f} images/s "

@@ -28,10 +28,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from cifar_run.constants import OPENMP_ENV  # torch-free
+from cifar_run.constants import set_openmp_defaults  # torch-free
 
-for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
-    os.environ.setdefault(_key, _value)
+set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402

@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
 
-from cifar_run.constants import OPENMP_ENV  # torch-free
+from cifar_run.constants import set_openmp_defaults  # torch-free
 
-for _key, _value in OPENMP_ENV.items():  # as cifar-run does, before torch is imported
-    os.environ.setdefault(_key, _value)
+set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -8,7 +8,6 @@ messages span several lines and exit with 1), then hands over to `@hydra.main`.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_run import sweep
-from cifar_run.constants import OPENMP_ENV
+from cifar_run.constants import set_openmp_defaults
 from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -326,8 +325,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point of `cifar-run`."""
-    for key, value in OPENMP_ENV.items():  # before anything imports torch
-        os.environ.setdefault(key, value)
+    set_openmp_defaults()  # before anything imports torch
     folder_key = preflight(sys.argv[1:])
     if folder_key is not None:
         _dry_run_without_folders(folder_key)

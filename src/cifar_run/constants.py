@@ -1,5 +1,7 @@
 """CIFAR-10 facts, defined once."""
 
+import os
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -34,3 +36,10 @@ TTA_MODES = ("none", "flip")
 # entry points set it (unless the environment already does) before that; a GOMP_SPINCOUNT in
 # the environment overrides it (the opt-in the README gives for machines of one's own).
 OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def set_openmp_defaults() -> None:
+    """OPENMP_ENV into the environment, where it does not say otherwise; call it before
+    anything imports torch (cifar-run and the scripts that train as it does)."""
+    for key, value in OPENMP_ENV.items():
+        os.environ.setdefault(key, value)
