@@ -82,7 +82,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # Prepend, not replace: packages found through an existing PYTHONPATH must stay found.
+    paths = [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.Popen(
         [sys.executable, "-m", "cifar_run", *args],
         cwd=cwd,
