@@ -27,6 +27,10 @@ waits, as a user's own script runs. Without it both arms share this process and 
 setting, which is kinder to the reference (its DataLoader workers and spinning threads
 oversubscribe the cores).
 
+The CPU is the default (the targets are for 2 CPU cores); `device=cuda` runs both arms on
+the GPU: ours with the data resident there, the reference moving each batch from its
+DataLoader with `.to(device)`. Each arm's timed interval ends in a host synchronisation.
+
 With --flops it also counts the model's FLOPs per image (torch.utils.flop_counter: forward,
 and forward + backward as trained), times large fp32 and bf16 matrix multiplies as the
 machine's ceiling, and prints the achieved FLOP/s of each arm against it.
@@ -79,7 +83,12 @@ from cifar_run.errors import UserError  # noqa: E402
 from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 from cifar_run.optim import Schedule, build_optimizer, build_scheduler  # noqa: E402
-from cifar_run.run import EVAL_BATCH_SIZE, load_splits, seed_everything  # noqa: E402
+from cifar_run.run import (  # noqa: E402
+    EVAL_BATCH_SIZE,
+    load_splits,
+    resolve_device,
+    seed_everything,
+)
 
 REFERENCE_WORKERS = 2
 
@@ -189,10 +198,10 @@ class Training:
 
 
 def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> Training:
-    """The round's seed, then model (same initial weights for both arms), optimizer,
-    learning-rate schedule and training loss."""
+    """The round's seed, then model (same initial weights for both arms) on the config's
+    device, optimizer, learning-rate schedule and training loss."""
     seed_everything(seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(resolve_device(cfg.device))
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     schedule = build_scheduler(
         cfg.sched,
@@ -209,7 +218,7 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
 
 
 def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
-    device = torch.device("cpu")
+    device = resolve_device(cfg.device)
     t = shared_training(cfg, splits, seed, max_steps)
     model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
@@ -285,6 +294,7 @@ def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN0
 def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     from torch.utils.data import DataLoader
 
+    device = resolve_device(cfg.device)
     t = shared_training(cfg, splits, seed, max_steps)
     model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
@@ -309,6 +319,7 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
         for step, (x, y) in enumerate(train_loader):
             if max_steps is not None and step >= max_steps:
                 break
+            x, y = x.to(device), y.to(device)
             out = model(x)
             batch_loss = criterion(out, y)
             optimizer.zero_grad()
@@ -329,6 +340,7 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
     correct = total = 0
     with torch.no_grad():
         for x, y in test_loader:
+            x, y = x.to(device), y.to(device)
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return ArmResult(images / seconds, 100.0 * correct / total, loss, rates, cpu_ms)
@@ -352,14 +364,19 @@ def flops_per_image(cfg: DictConfig, batch: int = 32) -> tuple[float, float]:
     return f / batch, (f + b) / batch
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+def matmul_ceiling(
+    dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10
+) -> float:
     """The best FLOP/s of an n x n matrix multiply in `dtype` over a few tries."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.mm(a, b)
+    sync()
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -412,9 +429,11 @@ def main() -> None:
         run_child(args, cfg)
         return
     threads = accel.set_threads(cfg.get("threads"))
-    precision = accel.resolve_precision(cfg.precision, torch.device("cpu"))
+    device = resolve_device(cfg.device)
+    precision = accel.resolve_precision(cfg.precision, device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, "
         f"torch {torch.__version__}, {threads} threads, load average {_load_average()}"
     )
     if args.isolate:
@@ -425,7 +444,8 @@ def main() -> None:
     else:
         print(f"one process, both arms: {_openmp(dict(os.environ))}")
     print(
-        f"config: model={cfg.model.name} batch_size={cfg.batch_size} epochs={cfg.epochs} "
+        f"config: device={device} model={cfg.model.name} batch_size={cfg.batch_size} "
+        f"epochs={cfg.epochs} "
         f"augment={cfg.augment.name} optim={cfg.optim.name} lr={cfg.lr} sched={cfg.sched.name} "
         f"precision={cfg.precision} ({precision.name}) compile={cfg.compile}"
         + (f" max_steps={args.max_steps}" if args.max_steps else "")
@@ -491,8 +511,10 @@ def main() -> None:
 
     if args.flops:
         fwd, train = flops_per_image(cfg)
+        # 2048 is past the CPU's knee; a GPU needs larger products to fill its units.
+        n = 8192 if device.type == "cuda" else 2048
         ceilings = {
-            name: matmul_ceiling(dt)
+            name: matmul_ceiling(dt, device, n)
             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
         print(
@@ -500,7 +522,7 @@ def main() -> None:
             f"{train / 1e6:.2f} M ({train / fwd:.2f}x forward)"
         )
         print(
-            "matmul ceiling (2048 x 2048, best of 10): "
+            f"matmul ceiling ({n} x {n}, best of 10): "
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceilings.items())
         )
         ours_kind = precision.name if precision.name != "fp16" else "fp32"

@@ -223,6 +223,7 @@ def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -
     ], proc.stdout
     assert all(0.0 <= float(acc) <= 100.0 for *_, acc in rounds)
     assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
+    assert re.search(r"^config: device=cpu model=lenet5 ", proc.stdout, re.M), proc.stdout
 
 
 def test_bench_isolate_runs_each_arm_in_its_own_process_and_environment(tmp_path: Path) -> None:
