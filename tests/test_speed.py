@@ -270,3 +270,16 @@ def test_step_bench_times_both_memory_formats(tmp_path: Path) -> None:
     assert [name for name, _, _ in rows] == ["nchw", "channels_last"], proc.stdout
     assert all(float(wall) > 0 for _, wall, _ in rows)
     assert re.search(r"channels_last speed / nchw: median [\d.]+x per round", proc.stdout)
+
+
+def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Path) -> None:
+    args = ("model=lenet5", "batch_size=8", "device=cpu", "--steps", "2", "--top", "3")
+    proc = run_script("profile_step.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    wall = re.search(
+        r"model=lenet5 batch_size=8 .*: wall ([\d.]+) ms/step, (\d+) images/s", proc.stdout
+    )
+    assert wall and float(wall.group(1)) > 0, proc.stdout
+    ops = re.findall(r"^ +([\d.]+) ms/step +([\d.]+)x +(\S+)", proc.stdout, re.M)
+    assert len(ops) == 3, proc.stdout  # --top 3
+    assert [float(t) for t, _, _ in ops] == sorted((float(t) for t, _, _ in ops), reverse=True)
