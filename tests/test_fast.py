@@ -3,16 +3,18 @@ script runs. (Its 94% needs a GPU and 24 epochs; the figure is in docs/benchmark
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from cifar_run import data
 from cifar_run.models import build_model
 from cifar_run.optim import build_optimizer, build_scheduler
 
-from .conftest import TEST_DATA, compose_cfg, run_cli, run_script
+from .conftest import REPO, TEST_DATA, compose_cfg, run_cli, run_script
 
 SMALL = [  # the committed images, a narrow net, one epoch: seconds on a CPU
     "data=imagefolder",
@@ -74,3 +76,37 @@ def test_bench_fast_reports_mean_accuracy_and_seconds(tmp_path: Path) -> None:
     assert "run 1 seed 0: test acc" in proc.stdout and "run 2 seed 1: test acc" in proc.stdout
     assert "2 runs: mean test acc" in proc.stdout and "(training + final test pass)" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # nothing written: out_dir=None
+
+
+def _bench_airbench():  # noqa: ANN202 (a module loaded from scripts/)
+    spec = importlib.util.spec_from_file_location(
+        "bench_airbench", REPO / "scripts" / "bench_airbench.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_airbench_gets_our_pixels_in_its_layout(tmp_path: Path) -> None:
+    # airbench's CifarLoader reads uint8 NHWC images, int64 labels and class names.
+    overrides = ["data=imagefolder", f"data.root={TEST_DATA}", "data.val_size=0.1"]
+    _bench_airbench().write_airbench_data(overrides, tmp_path)
+    ours = data.load_imagefolder(TEST_DATA)
+    for name, split in (("train", ours[0]), ("test", ours[1])):
+        saved = torch.load(tmp_path / "cifar10" / f"{name}.pt", weights_only=True)
+        assert saved["images"].shape == (len(split.labels), 32, 32, 3)  # every image: no val split
+        assert torch.equal(saved["images"], split.images.permute(0, 2, 3, 1))
+        assert torch.equal(saved["labels"], split.labels)
+        assert saved["classes"] == ours[2]
+
+
+def test_airbench_bench_without_airbench_is_one_line(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow" / "airbench"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {"PYTHONPATH": str(tmp_path / "shadow")}
+    proc = run_script("bench_airbench.py", "--runs", "1", *SMALL, cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (
+        "bench_airbench.py: needs the airbench package (pip install airbench)"
+    ), proc.stderr
