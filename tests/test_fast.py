@@ -1,5 +1,6 @@
 """experiment=fast: Page's ResNet-9 recipe composes as documented, trains, and its benchmark
-script runs. (Its 94% needs a GPU and 24 epochs; the figure is in docs/benchmarks.md.)"""
+scripts run (bench_fast.py, and bench_airbench.py's data for airbench). Its GPU figures,
+against airbench on the same machine, are in docs/benchmarks.md."""
 
 from __future__ import annotations
 
