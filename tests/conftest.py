@@ -44,13 +44,19 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     return compose_config(overrides or [])
 
 
-def _run(command: list[str], cwd: Path, env: dict[str, str] | None, timeout: float):
+def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus `env`, with src/ put first on PYTHONPATH (prepended, not
+    replacing it: packages found through an existing PYTHONPATH must stay found)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO / "src"), full_env.get("PYTHONPATH")])
     )
+    return full_env
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None, timeout: float):
     return subprocess.run(
-        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        command, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -27,7 +27,7 @@ from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.run import run
 
-from .conftest import REPO, TEST_DATA, TINY, compose_cfg, read_results, run_cli
+from .conftest import TEST_DATA, TINY, compose_cfg, read_results, run_cli, subprocess_env
 
 # TINY over three epochs with the augmentation stream in play: 90 training images, 3 steps
 # per epoch at batch size 32, 10 validation images.
@@ -82,13 +82,10 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    # Prepend, not replace: packages found through an existing PYTHONPATH must stay found.
-    paths = [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.Popen(
         [sys.executable, "-m", "cifar_run", *args],
         cwd=cwd,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
