@@ -191,7 +191,8 @@ def _steps(n: int, batch_size: int, max_steps: int | None) -> int:
 class Training:
     """What both arms share, built in one place so that they cannot drift apart."""
 
-    model: nn.Module
+    device: torch.device
+    model: nn.Module  # on `device`
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     criterion: nn.Module
@@ -201,7 +202,8 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
     """The round's seed, then model (same initial weights for both arms) on the config's
     device, optimizer, learning-rate schedule and training loss."""
     seed_everything(seed)
-    model = build_model(cfg.model).to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     schedule = build_scheduler(
         cfg.sched,
@@ -210,7 +212,7 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
         steps_per_epoch=_steps(len(splits.train), cfg.batch_size, max_steps),
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
-    return Training(model, optimizer, schedule, criterion)
+    return Training(device, model, optimizer, schedule, criterion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +220,9 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
 
 
 def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
-    device = resolve_device(cfg.device)
     t = shared_training(cfg, splits, seed, max_steps)
-    model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
+    device, model, optimizer = t.device, t.model, t.optimizer
+    schedule, criterion = t.schedule, t.criterion
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
     net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
@@ -294,9 +296,9 @@ def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN0
 def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     from torch.utils.data import DataLoader
 
-    device = resolve_device(cfg.device)
     t = shared_training(cfg, splits, seed, max_steps)
-    model, optimizer, schedule, criterion = t.model, t.optimizer, t.schedule, t.criterion
+    device, model, optimizer = t.device, t.model, t.optimizer
+    schedule, criterion = t.schedule, t.criterion
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     train_loader = DataLoader(
         PILDataset(splits.train, reference_transforms(cfg, mean, std, train=True)),
