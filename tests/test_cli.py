@@ -85,7 +85,8 @@ BAD_INPUTS = [
     ("batch_size=abc", "batch_size=abc"),
     ("lr=0", "lr=0"),
     ("lr=-1", "lr=-1"),
-    ("epochs=0", "epochs=0"),
+    ("epochs=0", "epochs=0"),  # without ckpt_path there is nothing to evaluate
+    ("ckpt_path=nope.pt", "ckpt_path=nope.pt"),
     ("device=tpu", "device=tpu"),
     ("data.root=/does/not/exist", "data.root=/does/not/exist"),
     ("data.val_size=60000", "data.val_size=60000"),

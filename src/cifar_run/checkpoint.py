@@ -102,8 +102,8 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# Keys naming a folder, relative to the working directory of the command that set them.
-PATH_KEYS = ("data.root",)
+# Keys naming a folder or file, relative to the working directory of the command that set them.
+PATH_KEYS = ("data.root", "ckpt_path")
 
 
 def _folder(path: str, cwd: str) -> str:
@@ -214,6 +214,46 @@ def load(path: str | Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return Checkpoint(path, data)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """`ckpt_path`: load a state dict into `model` (strictly, every key and shape). Takes
+    best.pt / last.pt / pruned.pt (plain state dicts) and state.pt (its "model"); anything
+    else is a one-line UserError naming the key, the file and what did not fit."""
+    path = Path(path).expanduser()
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, truncated, or holding arbitrary objects
+        raise UserError(
+            f"ckpt_path={path}: cannot read it as a state dict (not a file torch.save wrote, "
+            "truncated, or holding objects other than tensors)"
+        ) from None
+    if isinstance(data, dict) and data.get("format") == FORMAT and "model" in data:
+        data = data["model"]  # a full-state checkpoint: its current weights
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(
+            f"ckpt_path={path}: not a state dict (a mapping of names to tensors), e.g. a run's "
+            "checkpoints/best.pt"
+        )
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in data]
+    unexpected = [k for k in data if k not in expected]
+    shapes = [
+        f"{k} {list(data[k].shape)} in the file, {list(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in data and data[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise UserError(
+            f"ckpt_path={path}: does not fit this model ({'; '.join(problems)}); "
+            "was it saved from another model= ?"
+        )
+    model.load_state_dict(data)
 
 
 def open_for_resume(out_dir: str | Path, cfg: DictConfig, device: torch.device) -> Checkpoint:

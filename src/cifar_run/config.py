@@ -372,7 +372,8 @@ def check_top_level(cfg: DictConfig) -> None:
     """The keys of conf/config.yaml itself."""
     positive_int("batch_size", cfg.batch_size)
     positive_number("lr", cfg.lr)
-    positive_int("epochs", cfg.epochs)
+    non_negative_int("epochs", cfg.epochs)
+    check_ckpt_path(cfg.get("ckpt_path"), cfg.epochs)
     if cfg.get("early_stop") is not None:
         positive_int("early_stop", cfg.early_stop)
     seed_value("seed", cfg.seed)
@@ -387,6 +388,25 @@ def check_top_level(cfg: DictConfig) -> None:
     boolean("keep_state", cfg.keep_state)
     boolean("deterministic", cfg.deterministic)
     boolean("preview", cfg.preview)
+
+
+def check_ckpt_path(value: Any, epochs: int) -> None:
+    """`ckpt_path`: null, or a file that exists; `epochs=0` (no training) needs one."""
+    if value is None:
+        if epochs == 0:
+            raise UserError(
+                "epochs=0: trains nothing, so it needs weights to evaluate: ckpt_path=FILE "
+                "(e.g. an earlier run's checkpoints/best.pt); otherwise a positive integer"
+            )
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"ckpt_path={value}: must be the path of a checkpoint file, or null")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise UserError(
+            f"ckpt_path={value}: {what}; give a state dict file such as a run's checkpoints/best.pt"
+        )
 
 
 def check_pruning(cfg: DictConfig) -> PruningSettings:
@@ -418,7 +438,8 @@ def validate(cfg: DictConfig) -> None:
     check_data(cfg.data)
     check_augment(cfg.augment)
     check_optim(cfg.optim)
-    check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
+    if cfg.epochs > 0:  # with epochs=0 no schedule is built
+        check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
     if cfg.get("early_stop") is not None and cfg.data.val_size == 0:
         raise UserError(
             f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"

@@ -64,6 +64,7 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize})",
         f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}",
         f"sched: {cfg.sched.name}",
+        f"init: {cfg.get('ckpt_path') or 'random (seed)'}",
         f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}",
     ]
     settings = validate_pruning(cfg.prune, cfg.pruning)
@@ -99,7 +100,14 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "val_size": cfg.data.val_size,
         "subset": cfg.data.subset,
         "prune": float(cfg.prune),
+        "ckpt_path": _ckpt_path(cfg),
     }
+
+
+def _ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path` as an absolute path (results.json outlives the working directory)."""
+    path = cfg.get("ckpt_path")
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
@@ -126,6 +134,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
+    if cfg.get("ckpt_path") is not None:  # before dry_run's summary, so a dry run checks it
+        checkpoint.load_weights(model, cfg.ckpt_path)
     params = count_parameters(model)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     augment = build_augment(cfg.augment)
@@ -237,9 +247,12 @@ def _train(
 
     criterion = nn.CrossEntropyLoss(label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)))
     eval_criterion = nn.CrossEntropyLoss()
-    schedule = build_scheduler(
-        cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=len(train_batches)
-    )
+    # epochs=0 (evaluate ckpt_path) trains nothing, so it has no schedule to build.
+    schedule = None
+    if cfg.epochs > 0:
+        schedule = build_scheduler(
+            cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=len(train_batches)
+        )
     has_val = len(splits.val) > 0
     # Training and the pruning stage evaluate through this one object (criterion, precision,
     # TTA), so dense and pruned rows are measured alike.
@@ -341,12 +354,19 @@ def _train(
                 scaler=scaler,
             )
 
+    if loop.best_state is None:  # epochs=0: the weights of ckpt_path, validated as they are
+        val = stage_data.evaluate(net, val_batches)
+        loop.best_acc, loop.best_state = val.acc, _cpu_state(model)
+        log.info("epochs=0: %s as it is, val acc %.2f", cfg.ckpt_path, val.acc)
+        if out_dir is not None:
+            report.write_metrics(out_dir, history)
+            atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
     test = stage_data.evaluate(net, test_batches)
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
-    if out_dir is not None:
+    if out_dir is not None and history:
         report.plot_curves(out_dir, history, title=str(cfg.model.name))
     results = {
         "best_val_acc": best_acc,
@@ -355,7 +375,7 @@ def _train(
         "test_loss": test.loss,
         "train_seconds": sum(r["seconds"] for r in history),
         "test_seconds": test.seconds,
-        "final_train_acc": history[-1]["train_acc"],
+        "final_train_acc": history[-1]["train_acc"] if history else None,
         "epochs_run": loop.epoch,
         "stopped_early": loop.epoch < cfg.epochs,
     }
