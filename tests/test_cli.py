@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -35,6 +36,8 @@ def test_tiny_run_writes_every_file_of_the_run_folder(tmp_path: Path) -> None:
         "config.yaml",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
+        "confusion.csv",
+        "confusion.png",
     ):
         assert (run_dir / name).is_file(), name
 
@@ -63,6 +66,19 @@ def test_tiny_run_writes_every_file_of_the_run_folder(tmp_path: Path) -> None:
     header = (run_dir / "results.md").read_text().splitlines()[0]
     assert "| model | params |" in header and "test_acc" in header
     assert (run_dir / "results.csv").read_text().count("\n") == 2
+
+    # The test pass's confusion matrix: 10 test images per class (data.subset=10), its
+    # diagonal the test_acc.
+    with open(run_dir / "confusion.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [row["true"] for row in rows]
+    assert len(classes) == 10 and list(rows[0]) == ["true", *classes, "images", "acc"]
+    assert all(sum(int(row[c]) for c in classes) == int(row["images"]) == 10 for row in rows)
+    correct = sum(int(row[row["true"]]) for row in rows)
+    assert results["test_acc"] == pytest.approx(100.0 * correct / 100)
+    assert results["test_class_acc"] == {
+        row["true"]: pytest.approx(100.0 * int(row[row["true"]]) / 10) for row in rows
+    }
 
     for name in ("best.pt", "last.pt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)

@@ -57,3 +57,22 @@ def test_unknown_tta_mode_is_refused() -> None:
     batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="tta='crop'"):
         evaluate(LeNet5(), [batch], nn.CrossEntropyLoss(), device=torch.device("cpu"), tta="crop")
+
+
+def test_confusion_matrix_counts_each_true_and_predicted_class() -> None:
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(3)]
+    with torch.no_grad():
+        preds = torch.cat([model(x).argmax(1) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    for t, p in zip(labels.tolist(), preds.tolist(), strict=True):
+        expected[t, p] += 1
+    stats = evaluate(
+        model, batches, nn.CrossEntropyLoss(), device=torch.device("cpu"), num_classes=10
+    )
+    assert torch.equal(stats.confusion, expected)
+    assert stats.acc == pytest.approx(100.0 * expected.trace().item() / 48)
+    plain = evaluate(model, batches, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    assert plain.confusion is None and plain.acc == stats.acc

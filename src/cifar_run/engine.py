@@ -35,6 +35,9 @@ class EpochStats:
     acc: float  # percent correct
     images: int
     seconds: float
+    # (classes x classes) image counts, rows the true class, columns the predicted one; only
+    # from an evaluate() asked for it (num_classes), on the CPU.
+    confusion: torch.Tensor | None = None
 
 
 def _stats(loss_sum: torch.Tensor, correct: torch.Tensor, n: int, t0: float) -> EpochStats:
@@ -137,9 +140,11 @@ def evaluate(
     device: torch.device,
     autocast: torch.dtype | None = None,
     tta: str = "none",
+    num_classes: int | None = None,
 ) -> EpochStats:
     """Mean loss and accuracy of `model` over `batches`, in eval mode (`autocast` as in
-    `train_one_epoch`; the loss is summed in fp32).
+    `train_one_epoch`; the loss is summed in fp32). With `num_classes`, also the confusion
+    matrix of the pass (EpochStats.confusion).
 
     `tta="flip"`: test-time augmentation, the mean of the logits for each image and its
     mirror image (airbench's and Page's flip TTA); "none": the images as they are.
@@ -150,6 +155,11 @@ def evaluate(
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    k = num_classes or 0
+    # Counted by comparison with every (true, predicted) code rather than by bincount or
+    # scatter, so that deterministic=true has nothing to refuse on CUDA; 1000 x 100 compares.
+    codes = torch.arange(k * k, device=device)
+    counts = torch.zeros(k * k, device=device, dtype=torch.long)
     n = 0
     for x, y in batches:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -157,6 +167,12 @@ def evaluate(
             if tta == "flip":
                 out = (out.float() + model(x.flip(3)).float()) / 2
         loss_sum += criterion(out.float(), y) * y.shape[0]
-        correct += (out.argmax(1) == y).sum()
+        pred = out.argmax(1)
+        correct += (pred == y).sum()
+        if k:
+            counts += ((y * k + pred).unsqueeze(1) == codes).sum(0)
         n += y.shape[0]
-    return _stats(loss_sum, correct, n, t0)
+    stats = _stats(loss_sum, correct, n, t0)
+    if k:
+        stats.confusion = counts.view(k, k).cpu()
+    return stats

@@ -92,8 +92,11 @@ class StageData:
     autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
     tta: str = "none"  # and its test-time augmentation
 
-    def evaluate(self, model: nn.Module, batches: Batches) -> EpochStats:
-        """`model` on `batches` the way the run evaluated the dense model."""
+    def evaluate(
+        self, model: nn.Module, batches: Batches, num_classes: int | None = None
+    ) -> EpochStats:
+        """`model` on `batches` the way the run evaluated the dense model (with
+        `num_classes`: and its confusion matrix)."""
         return evaluate(
             model,
             batches,
@@ -101,6 +104,7 @@ class StageData:
             device=self.device,
             autocast=self.autocast,
             tta=self.tta,
+            num_classes=num_classes,
         )
 
     def train_epoch(

@@ -1,5 +1,5 @@
-"""Run-folder outputs: metrics.csv, results.{json,csv,md}, loss.png and accuracy.png
-(and with pruning: sparsity.csv, curve.csv, finetune.csv, sparsity.png).
+"""Run-folder outputs: metrics.csv, results.{json,csv,md}, loss.png and accuracy.png,
+confusion.{csv,png} (and with pruning: sparsity.csv, curve.csv, finetune.csv, sparsity.png).
 
 Every file is written atomically, so a killed run never leaves half a table.
 """
@@ -149,4 +149,65 @@ def plot_sparsity(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str =
     ax.grid(alpha=0.3)
     ax.legend()
     atomic.save_figure(fig, out_dir / "sparsity.png")
+    plt.close(fig)
+
+
+def class_accuracy(classes: Sequence[str], confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Percent of each class's images predicted as that class (None: no images of it)."""
+    acc: dict[str, Any] = {}
+    for i, name in enumerate(classes):
+        total = sum(confusion[i])
+        acc[name] = 100.0 * confusion[i][i] / total if total else None
+    return acc
+
+
+def write_confusion(
+    out_dir: Path, classes: Sequence[str], confusion: Sequence[Sequence[int]]
+) -> None:
+    """confusion.csv: one row per true class, its image count under each predicted class,
+    then `images` and `acc` (percent correct)."""
+    acc = class_accuracy(classes, confusion)
+    rows = [
+        {
+            "true": name,
+            **dict(zip(classes, confusion[i], strict=True)),
+            "images": sum(confusion[i]),
+            "acc": acc[name],
+        }
+        for i, name in enumerate(classes)
+    ]
+    write_csv(out_dir / "confusion.csv", rows, ["true", *classes, "images", "acc"])
+
+
+def plot_confusion(
+    out_dir: Path, classes: Sequence[str], confusion: Sequence[Sequence[int]], title: str = ""
+) -> None:
+    """confusion.png: the test confusion matrix, each row in percent of its true class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    share = [[100.0 * c / max(1, sum(row)) for c in row] for row in confusion]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.6 + 0.6 * k))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j,
+                i,
+                f"{share[i][j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[i][j] > 50 else "black",
+            )
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title} test confusion (% of each true class)".strip())
+    fig.tight_layout()
+    atomic.save_figure(fig, out_dir / "confusion.png")
     plt.close(fig)

@@ -364,10 +364,21 @@ def _train(
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
-    test = stage_data.evaluate(net, test_batches)
+    classes = list(splits.classes)
+    test = stage_data.evaluate(net, test_batches, num_classes=len(classes))
     log.info("best epoch %d (val acc %.2f): test acc %.2f", best_epoch, best_acc, test.acc)
-    if out_dir is not None and history:
-        report.plot_curves(out_dir, history, title=str(cfg.model.name))
+    confusion = test.confusion.tolist() if test.confusion is not None else []
+    class_acc = report.class_accuracy(classes, confusion) if confusion else {}
+    log.info(
+        "test acc per class: %s",
+        ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in class_acc.items()),
+    )
+    if out_dir is not None:
+        if history:
+            report.plot_curves(out_dir, history, title=str(cfg.model.name))
+        if confusion:
+            report.write_confusion(out_dir, classes, confusion)
+            report.plot_confusion(out_dir, classes, confusion, title=str(cfg.model.name))
     results = {
         "best_val_acc": best_acc,
         "best_epoch": best_epoch,
@@ -378,6 +389,7 @@ def _train(
         "final_train_acc": history[-1]["train_acc"] if history else None,
         "epochs_run": loop.epoch,
         "stopped_early": loop.epoch < cfg.epochs,
+        "test_class_acc": class_acc,
     }
     if not (settings.enabled or settings.curve):
         return results
