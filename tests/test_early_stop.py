@@ -81,3 +81,56 @@ def test_early_stop_without_a_validation_split_is_one_line_exit_2(tmp_path: Path
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "early_stop=3: needs a validation split" in lines[0]
     assert not any(tmp_path.rglob("results.json"))  # refused before any run started
+
+
+# Fine-tuning as stalled as the training above: every fine-tuning epoch scores the same.
+STALLED_FINETUNE = [*STALLED, "epochs=1", "prune=0.5", "pruning.finetune_lr=1e-12"]
+
+
+def _finetune_epochs(run_dir: Path) -> list[int]:
+    with open(run_dir / "finetune.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f) if int(row["epoch"]) > 0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ran"),
+    [
+        (["pruning.early_stop=2"], 3),  # epoch 1 the best, then 2 epochs without gain
+        (["pruning.early_stop=1"], 2),
+        (["early_stop=1"], 5),  # the run's patience is for training alone
+        ([], 5),
+    ],
+)
+def test_the_last_fine_tuning_stops_after_its_patience(
+    tmp_path: Path, overrides: list[str], ran: int
+) -> None:
+    results = run(
+        compose_cfg([*STALLED_FINETUNE, "pruning.finetune_epochs=5", *overrides]), tmp_path / "r"
+    )
+    assert results["finetune_epochs_run"] == ran
+    assert _finetune_epochs(tmp_path / "r") == list(range(1, ran + 1))
+    assert results["finetune_epochs"] == 5  # the setting, as asked
+    assert results["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_fine_tuning_between_pruning_steps_runs_every_epoch(tmp_path: Path) -> None:
+    overrides = [*STALLED_FINETUNE, "pruning.finetune_epochs=4", "pruning.steps=2"]
+    run(compose_cfg([*overrides, "pruning.early_stop=1"]), tmp_path / "r")
+    with open(tmp_path / "r" / "finetune.csv", newline="") as f:
+        rows = [(int(r["step"]), int(r["epoch"])) for r in csv.DictReader(f)]
+    assert [e for s, e in rows if s == 1 and e > 0] == [1, 2, 3, 4]
+    assert [e for s, e in rows if s == 2 and e > 0] == [1, 2]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "abc"])
+def test_bad_pruning_early_stop_is_refused(value: str) -> None:
+    with pytest.raises(UserError) as info:
+        validate(compose_cfg([*TINY, "prune=0.5", f"pruning.early_stop={value}"]))
+    assert str(info.value).startswith(f"pruning.early_stop={value}: must be a positive integer")
+
+
+def test_pruning_early_stop_without_a_validation_split_is_refused() -> None:
+    overrides = [*TINY, "data.val_size=0", "prune=0.5", "pruning.finetune_epochs=2"]
+    with pytest.raises(UserError, match=r"pruning.early_stop=2: needs a validation split"):
+        validate(compose_cfg([*overrides, "pruning.early_stop=2"]))
+    validate(compose_cfg(overrides))  # without it the same run is fine

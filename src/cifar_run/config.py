@@ -444,4 +444,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"
         )
-    check_pruning(cfg)
+    settings = check_pruning(cfg)
+    if settings.early_stop is not None and settings.finetune_epochs > 0 and cfg.data.val_size == 0:
+        raise UserError(
+            f"pruning.early_stop={settings.early_stop}: needs a validation split to watch; "
+            "data.val_size=0"
+        )

@@ -226,18 +226,30 @@ def _finetune(
     steps: int,
     sparsity: float,
     keep_best: bool,
+    early_stop: int | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Fine-tune with the masks attached; returns (history rows, val acc of the kept weights).
 
     A fresh optimizer (the run's optimizer settings, `lr`, no scheduler) sees `weight_orig`;
     the masks keep the pruned weights of the effective model at exactly 0. With `keep_best`
-    the epoch with the best validation accuracy is kept, as in training.
+    the epoch with the best validation accuracy is kept, as in training, and `early_stop`
+    ends the fine-tuning once that epoch is `early_stop` epochs old.
     """
     optimizer = make_optimizer(model.parameters(), lr)
     scaler = loss_scaler(data.autocast, data.device)  # fp16 needs it here as in training
     history: list[dict[str, Any]] = []
-    best_acc, best_state = -math.inf, None
+    best_acc, best_state, best_epoch = -math.inf, None, 0
     for epoch in range(1, epochs + 1):
+        if keep_best and early_stop is not None and epoch - 1 - best_epoch >= early_stop:
+            log.info(
+                "fine-tuning stops after epoch %d (pruning.early_stop=%d): val acc has not "
+                "beaten epoch %d's %.2f",
+                epoch - 1,
+                early_stop,
+                best_epoch,
+                best_acc,
+            )
+            break
         t0 = time.perf_counter()
         desc = f"fine-tune {epoch}/{epochs}" + (f" (step {step}/{steps})" if steps > 1 else "")
         try:
@@ -269,7 +281,7 @@ def _finetune(
             val.acc,
         )
         if keep_best and (not data.has_val or val.acc > best_acc):
-            best_acc, best_state = val.acc, _cpu_state(model)
+            best_acc, best_state, best_epoch = val.acc, _cpu_state(model), epoch
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)  # same keys: weight_orig and weight_mask
         return history, best_acc
@@ -329,9 +341,11 @@ def run_pruning(
                 steps=len(targets),
                 sparsity=sparsity,
                 keep_best=last,
+                early_stop=settings.early_stop,
             )
             history += rows
             if last:
+                results["finetune_epochs_run"] = len(rows)
                 test = data.evaluate(model, data.test)
                 results["finetuned_val_acc"] = kept_val
                 results["finetuned_test_acc"] = test.acc
@@ -378,6 +392,7 @@ def run_pruning(
             "pruning_steps": settings.steps,
             "finetune_epochs": settings.finetune_epochs,
             "finetune_lr": finetune_lr if settings.finetune_epochs > 0 else None,
+            "finetune_early_stop": settings.early_stop if settings.finetune_epochs > 0 else None,
             "prune_seconds": time.perf_counter() - t_stage,
         }
     )

@@ -13,7 +13,14 @@ from typing import Any
 
 from cifar_run.errors import UserError
 
-PRUNING_KEYS = ("include_classifier", "finetune_epochs", "finetune_lr", "steps", "curve")
+PRUNING_KEYS = (
+    "include_classifier",
+    "finetune_epochs",
+    "finetune_lr",
+    "steps",
+    "curve",
+    "early_stop",
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class PruningSettings:
     finetune_lr: float | None = None
     steps: int = 1
     curve: tuple[float, ...] = ()
+    early_stop: int | None = None  # patience of the last step's fine-tuning
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +118,13 @@ def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> Pruni
                 f"pruning.curve={_show(curve)}: {_show(value)} is not a number in [0, 1)"
             )
 
+    early_stop = cfg.get("early_stop", defaults.early_stop)
+    if early_stop is not None and (not _is_int(early_stop) or early_stop < 1):
+        raise UserError(
+            f"pruning.early_stop={_show(early_stop)}: must be a positive integer, or null "
+            "(fine-tune all pruning.finetune_epochs)"
+        )
+
     return PruningSettings(
         amount=float(prune),
         include_classifier=include_classifier,
@@ -117,4 +132,5 @@ def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> Pruni
         finetune_lr=None if finetune_lr is None else float(finetune_lr),
         steps=steps,
         curve=tuple(float(v) for v in curve),
+        early_stop=early_stop,
     )
