@@ -26,6 +26,8 @@ def test_tiny_run_writes_every_file_of_the_run_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli(*TINY, "epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # The end of the output: the results table and the folder it came from.
+    assert proc.stdout.endswith((run_dir / "results.md").read_text() + f"run folder: {run_dir}\n")
     for name in (
         "metrics.csv",
         "results.json",

@@ -318,9 +318,14 @@ def _hydra_main(cfg: DictConfig) -> None:
         sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
         return
     try:
-        run(cfg, None if cfg.dry_run else out_dir)
+        results = run(cfg, None if cfg.dry_run else out_dir)
     except UserError as exc:
         fail(str(exc))
+    if results.get("status") == "completed":
+        # The table and where everything is: the logs above scroll by; this is the answer.
+        table = out_dir / "results.md"
+        print(table.read_text() if table.is_file() else "", end="")
+        print(f"run folder: {out_dir}", flush=True)
 
 
 def main() -> None:
