@@ -72,7 +72,8 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         lines.append(
             f"prune: {settings.amount:g} (global L1, include_classifier "
             f"{settings.include_classifier}, steps {settings.steps}, finetune_epochs "
-            f"{settings.finetune_epochs}, finetune_lr {settings.resolved_finetune_lr(cfg.lr):g})"
+            f"{settings.finetune_epochs}, finetune_lr {settings.resolved_finetune_lr(cfg.lr):g}, "
+            f"early_stop {settings.early_stop})"
         )
     if settings.curve:
         lines.append(f"pruning.curve: {', '.join(f'{a:g}' for a in settings.curve)}")
