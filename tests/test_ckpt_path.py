@@ -4,6 +4,8 @@ them. Bad files and mismatched models are one-line errors before any data loads.
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,21 @@ def test_resume_compares_ckpt_path_as_the_file_it_names(
     assert checkpoint.config_diff(saved, relative, saved_cwd="/") == []
     other = compose_cfg([*TINY, "ckpt_path=checkpoints/last.pt"])
     assert checkpoint.config_diff(saved, other, saved_cwd="/") != []
+
+
+def test_without_a_validation_split_results_json_is_strict_json(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """No validation split: best_val_acc is NaN in Python and null in the file, which any
+    JSON reader (not just Python's, which accepts NaN) can parse."""
+    source, first = trained
+    best = source / "checkpoints" / "best.pt"
+    overrides = [*FP32, "data.val_size=0", "epochs=0", f"ckpt_path={best}"]
+    results = run(compose_cfg(overrides), tmp_path / "r")
+    assert math.isnan(results["best_val_acc"])
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    saved = json.loads((tmp_path / "r" / "results.json").read_text(), parse_constant=refuse)
+    assert saved["best_val_acc"] is None and saved["test_acc"] == first["test_acc"]

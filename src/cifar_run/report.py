@@ -80,9 +80,22 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return columns
 
 
+def _strict(value: Any) -> Any:
+    """`value` with NaN and infinities as None: JSON has no such numbers, and strict readers
+    (jq, JavaScript, most other languages) refuse the `NaN` Python would write."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_status(out_dir: Path, results: Mapping[str, Any]) -> None:
     """results.json alone: while a run is `running`, or once it has `failed`."""
-    atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    text = json.dumps(_strict(results), indent=2, default=str, allow_nan=False)
+    atomic.write_text(out_dir / "results.json", text + "\n")
 
 
 def write_results(
