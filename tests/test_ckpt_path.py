@@ -173,3 +173,19 @@ def test_without_a_validation_split_results_json_is_strict_json(
 
     saved = json.loads((tmp_path / "r" / "results.json").read_text(), parse_constant=refuse)
     assert saved["best_val_acc"] is None and saved["test_acc"] == first["test_acc"]
+
+
+def test_resume_does_not_need_the_starting_file(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    """The weights of a resumed run come from its state.pt, so the file it started from may
+    have been moved or deleted since."""
+    source, _ = trained
+    start = tmp_path / "start.pt"
+    start.write_bytes((source / "checkpoints" / "best.pt").read_bytes())
+    overrides = [*FP32, "epochs=2", f"ckpt_path={start}"]
+    first = run(compose_cfg(overrides), tmp_path / "run")
+    (tmp_path / "run" / "results.json").write_text('{"status": "running"}')  # as if killed
+    start.unlink()
+    again = run(compose_cfg([*overrides, "resume=true"]), tmp_path / "run")
+    assert again["test_acc"] == first["test_acc"] and again["epochs_run"] == 2
+    with pytest.raises(UserError, match="no such file"):  # a new run still needs it
+        validate(compose_cfg(overrides))

@@ -373,7 +373,8 @@ def check_top_level(cfg: DictConfig) -> None:
     positive_int("batch_size", cfg.batch_size)
     positive_number("lr", cfg.lr)
     non_negative_int("epochs", cfg.epochs)
-    check_ckpt_path(cfg.get("ckpt_path"), cfg.epochs)
+    # A resumed run takes its weights from state.pt: the file it started from may be gone.
+    check_ckpt_path(cfg.get("ckpt_path"), cfg.epochs, must_exist=cfg.resume is not True)
     if cfg.get("early_stop") is not None:
         positive_int("early_stop", cfg.early_stop)
     seed_value("seed", cfg.seed)
@@ -390,8 +391,9 @@ def check_top_level(cfg: DictConfig) -> None:
     boolean("preview", cfg.preview)
 
 
-def check_ckpt_path(value: Any, epochs: int) -> None:
-    """`ckpt_path`: null, or a file that exists; `epochs=0` (no training) needs one."""
+def check_ckpt_path(value: Any, epochs: int, must_exist: bool = True) -> None:
+    """`ckpt_path`: null, or a file (that exists, with `must_exist`); `epochs=0` (no
+    training) needs one."""
     if value is None:
         if epochs == 0:
             raise UserError(
@@ -402,7 +404,7 @@ def check_ckpt_path(value: Any, epochs: int) -> None:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"ckpt_path={value}: must be the path of a checkpoint file, or null")
     path = Path(value).expanduser()
-    if not path.is_file():
+    if must_exist and not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "no such file"
         raise UserError(
             f"ckpt_path={value}: {what}; give a state dict file such as a run's checkpoints/best.pt"

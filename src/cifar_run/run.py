@@ -135,7 +135,9 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
-    if cfg.get("ckpt_path") is not None:  # before dry_run's summary, so a dry run checks it
+    # Before dry_run's summary, so that a dry run checks the file; a resumed run's weights
+    # come from its state.pt instead.
+    if cfg.get("ckpt_path") is not None and not cfg.resume:
         checkpoint.load_weights(model, cfg.ckpt_path)
     params = count_parameters(model)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
