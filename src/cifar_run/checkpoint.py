@@ -27,6 +27,9 @@ from cifar_run.errors import CheckpointError, UserError
 from cifar_run.reproducibility import rng_state, set_rng_state
 
 STATE_FILE = Path("checkpoints") / "state.pt"
+# The pruning stage's resume point: masked weights, fine-tuning optimizer, rows so far.
+# Removed when the run completes.
+STAGE_FILE = Path("checkpoints") / "prune_state.pt"
 FORMAT = 1
 _REQUIRED = ("epoch", "history", "best", "model", "optimizer", "scheduler", "rng", "config")
 
@@ -214,6 +217,53 @@ def load(path: str | Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return Checkpoint(path, data)
+
+
+def stage_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STAGE_FILE
+
+
+def save_stage(
+    out_dir: str | Path,
+    payload: dict[str, Any],
+    *,
+    generators: Mapping[str, torch.Generator],
+    cfg: DictConfig,
+) -> None:
+    """Write the pruning stage's resume point atomically, with every random state (the
+    fine-tuning draws from the same streams as training)."""
+    full = {
+        **payload,
+        "format": FORMAT,
+        "rng": rng_state(generators),
+        "config_hash": config_hash(cfg),
+    }
+    atomic.torch_save(full, stage_path(out_dir))
+
+
+def load_stage(
+    out_dir: str | Path, cfg: DictConfig, generators: Mapping[str, torch.Generator]
+) -> dict[str, Any] | None:
+    """The pruning stage's resume point in `out_dir`, random states restored; None when the
+    run stopped before the stage wrote one."""
+    path = stage_path(out_dir)
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncation and corruption surface as many exception types
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint, it is truncated or corrupt ({_reason(exc)}); "
+            "delete it to redo the pruning stage from best.pt"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cifar-run checkpoint (format {FORMAT} expected)")
+    if data.get("config_hash") != config_hash(cfg):
+        raise CheckpointError(
+            f"{path}: belongs to another config; delete it to redo the pruning stage"
+        )
+    set_rng_state(data["rng"], generators)
+    return data
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

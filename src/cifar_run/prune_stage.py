@@ -4,7 +4,8 @@ Pruned and dense numbers come from the same trained weights: the run hands over 
 best model after it has been evaluated on validation and test; this stage prunes it in
 place, evaluates it again, fine-tunes it with the masks held if asked (evaluating again),
 and makes the pruning permanent. `pruning.curve` amounts are evaluated on pruned copies of
-the dense model before that, without retraining.
+the dense model before that, without retraining. The stage hands a resume point to run.py
+after every pruning step's evaluation and fine-tuning epoch, and continues from one.
 
 No Hydra here: run.py passes plain objects (settings, batches, an optimizer factory).
 """
@@ -29,6 +30,7 @@ from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
     PruningSettings,
     apply_global_l1,
+    attach_masks,
     checkpoint_sizes,
     fully_pruned_layers,
     global_sparsity,
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+# Writes the stage's resume point (run.py adds the random states and the file); the payload
+# is what run_pruning(resume=...) takes back.
+StageSaver = Callable[[dict[str, Any]], None]
 
 SPARSITY_COLUMNS = ("name", "shape", "weights", "zeros", "sparsity")
 CURVE_COLUMNS = (
@@ -227,6 +232,8 @@ def _finetune(
     sparsity: float,
     keep_best: bool,
     early_stop: int | None = None,
+    resume: Mapping[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Fine-tune with the masks attached; returns (history rows, val acc of the kept weights).
 
@@ -234,12 +241,24 @@ def _finetune(
     the masks keep the pruned weights of the effective model at exactly 0. With `keep_best`
     the epoch with the best validation accuracy is kept, as in training, and `early_stop`
     ends the fine-tuning once that epoch is `early_stop` epochs old.
+
+    After every epoch `save` gets what `resume` takes to continue after it (this step's rows,
+    optimizer, scaler, best epoch so far).
     """
     optimizer = make_optimizer(model.parameters(), lr)
     scaler = loss_scaler(data.autocast, data.device)  # fp16 needs it here as in training
     history: list[dict[str, Any]] = []
     best_acc, best_state, best_epoch = -math.inf, None, 0
-    for epoch in range(1, epochs + 1):
+    first = 1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler") is not None:
+            scaler.load_state_dict(resume["scaler"])
+        history = [dict(r) for r in resume["rows"]]
+        best = resume["best"]
+        best_acc, best_epoch, best_state = float(best["acc"]), int(best["epoch"]), best["state"]
+        first = int(resume["epoch"]) + 1
+    for epoch in range(first, epochs + 1):
         if keep_best and early_stop is not None and epoch - 1 - best_epoch >= early_stop:
             log.info(
                 "fine-tuning stops after epoch %d (pruning.early_stop=%d): val acc has not "
@@ -282,6 +301,16 @@ def _finetune(
         )
         if keep_best and (not data.has_val or val.acc > best_acc):
             best_acc, best_state, best_epoch = val.acc, _cpu_state(model), epoch
+        if save is not None:
+            save(
+                {
+                    "epoch": epoch,
+                    "rows": history,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "best": {"acc": best_acc, "epoch": best_epoch, "state": best_state},
+                }
+            )
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)  # same keys: weight_orig and weight_mask
         return history, best_acc
@@ -297,6 +326,8 @@ def run_pruning(
     total_params: int,
     finetune_lr: float,
     out_dir: Path | None,
+    save: StageSaver | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune `model` in place (dense best weights, already evaluated); return results keys.
 
@@ -304,6 +335,10 @@ def run_pruning(
     `finetune_epochs` after every step. `pruned_*` accuracies are measured right after the
     last pruning step (for steps=1: the one-shot pruned model), `finetuned_*` after the
     fine-tuning that follows it.
+
+    `save` receives the stage's resume point after each evaluated pruning step and each
+    fine-tuning epoch; `resume` (one of those payloads) continues from there with the same
+    numbers as a stage that was never interrupted.
     """
     t_stage = time.perf_counter()
     dense_state = _cpu_state(model)
@@ -314,22 +349,55 @@ def run_pruning(
     history: list[dict[str, Any]] = []
     targets = step_targets(settings.amount, settings.steps)
     results: dict[str, Any] = {}
+    resume_step = 0
+    if resume is not None:
+        attach_masks(params)  # all ones: their values come with the state dict
+        model.load_state_dict(resume["model"])
+        history = [dict(r) for r in resume["history"]]
+        results = dict(resume["results"])
+        resume_step = int(resume["step"])
+        log.info("pruning stage: resuming at step %d of %d", resume_step, len(targets))
+
+    def checkpoint(step: int, finetune: dict[str, Any] | None) -> None:
+        if save is not None:
+            save(
+                {
+                    "step": step,
+                    "model": _cpu_state(model),
+                    "history": history,
+                    "results": results,
+                    "finetune": finetune,
+                }
+            )
+
     for step, target in enumerate(targets, start=1):
-        apply_global_l1(params, target)
-        sparsity = global_sparsity(sparsity_table(model, params))
-        last = step == len(targets)
-        if not last and settings.finetune_epochs == 0:
+        if step < resume_step:
             continue
-        val = data.evaluate(model, data.val)
-        log.info(
-            "pruning step %d/%d: sparsity %.4f  val acc %.2f", step, len(targets), sparsity, val.acc
-        )
-        history.append({"step": step, "epoch": 0, "sparsity": sparsity, **_val_row(val)})
-        if last:
-            test = data.evaluate(model, data.test)
-            results["pruned_val_acc"] = val.acc
-            results["pruned_test_acc"] = test.acc
-            log.info("pruned: val acc %.2f  test acc %.2f", val.acc, test.acc)
+        last = step == len(targets)
+        finetune_resume = None
+        if step == resume_step:  # pruned and evaluated before the interruption
+            sparsity = global_sparsity(sparsity_table(model, params))
+            finetune_resume = resume["finetune"] if resume is not None else None
+        else:
+            apply_global_l1(params, target)
+            sparsity = global_sparsity(sparsity_table(model, params))
+            if not last and settings.finetune_epochs == 0:
+                continue
+            val = data.evaluate(model, data.val)
+            log.info(
+                "pruning step %d/%d: sparsity %.4f  val acc %.2f",
+                step,
+                len(targets),
+                sparsity,
+                val.acc,
+            )
+            history.append({"step": step, "epoch": 0, "sparsity": sparsity, **_val_row(val)})
+            if last:
+                test = data.evaluate(model, data.test)
+                results["pruned_val_acc"] = val.acc
+                results["pruned_test_acc"] = test.acc
+                log.info("pruned: val acc %.2f  test acc %.2f", val.acc, test.acc)
+            checkpoint(step, None)
         if settings.finetune_epochs > 0:
             rows, kept_val = _finetune(
                 model,
@@ -342,6 +410,8 @@ def run_pruning(
                 sparsity=sparsity,
                 keep_best=last,
                 early_stop=settings.early_stop,
+                resume=finetune_resume,
+                save=lambda finetune, step=step: checkpoint(step, finetune),
             )
             history += rows
             if last:

@@ -146,6 +146,15 @@ def apply_global_l1(params: ParamList, amount: float) -> None:
     )
 
 
+def attach_masks(params: ParamList) -> None:
+    """Give every parameter without one a mask of ones (``prune.identity``): the
+    ``*_orig``/``*_mask`` layout of a pruned model, so that its state dict can be loaded
+    (resuming a pruning stage). Later pruning combines with these masks as with any other."""
+    for module, name in params:
+        if getattr(module, name + "_mask", None) is None:
+            torch_prune.identity(module, name)
+
+
 def step_targets(amount: float, steps: int) -> list[float]:
     """Cumulative targets of iterative pruning: ``amount * k / steps`` for k = 1..steps.
 

@@ -176,6 +176,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     results["status"] = "completed"
     if out_dir is not None:
         report.write_results(out_dir, results, rows, notes)
+        # Only a resume in the middle of the pruning stage needs it.
+        checkpoint.stage_path(out_dir).unlink(missing_ok=True)
         if not cfg.keep_state:  # only after results.json says completed: a resume needs it
             checkpoint.state_path(out_dir).unlink(missing_ok=True)
     return results
@@ -397,8 +399,8 @@ def _train(
     if not (settings.enabled or settings.curve):
         return results
 
-    # The pruning stage starts from the weights just tested (the best epoch's). It is not
-    # checkpointed: a resumed run redoes it from best.pt's weights.
+    # The pruning stage starts from the weights just tested (the best epoch's) and keeps its
+    # own resume point (checkpoint.STAGE_FILE), as training keeps state.pt.
     params = count_parameters(model)
     if settings.curve:
         curve = prune_stage.run_curve(
@@ -414,6 +416,15 @@ def _train(
             report.write_csv(out_dir / "curve.csv", curve, prune_stage.CURVE_COLUMNS)
             report.plot_sparsity(out_dir, curve, title=str(cfg.model.name))
     if settings.enabled:
+        save_stage, stage_resume = None, None
+        if out_dir is not None:
+            stage_dir = out_dir
+
+            def save_stage(payload: dict[str, Any]) -> None:
+                checkpoint.save_stage(stage_dir, payload, generators=generators, cfg=cfg)
+
+            if resume_from is not None:
+                stage_resume = checkpoint.load_stage(out_dir, cfg, generators)
         results.update(
             prune_stage.run_pruning(
                 model,
@@ -423,6 +434,8 @@ def _train(
                 total_params=params,
                 finetune_lr=settings.resolved_finetune_lr(cfg.lr),
                 out_dir=out_dir,
+                save=save_stage,
+                resume=stage_resume,
             )
         )
     return results
