@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cifar_run.config import validate
 from cifar_run.errors import UserError
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 
-from .conftest import TEST_DATA, run_cli
+from .conftest import TEST_DATA, TINY, compose_cfg, run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_FILES = sorted(CONF.glob("*.yaml"))
@@ -180,3 +181,64 @@ def test_impossible_cnn_on_the_command_line_is_one_line_before_data(tmp_path: Pa
         "nothing; use a smaller pool or fewer downsampling layers before it"
     ]
     assert "load" not in proc.stdout.lower() + proc.stderr.lower()
+
+
+# torchvision's pretrained weights: the download itself is replaced (no network in tests);
+# what is tested is what cifar-run does with what torchvision returns or raises.
+TV_DOWNLOAD = "torchvision.models._api.load_state_dict_from_url"
+
+
+def _imagenet_state() -> dict[str, torch.Tensor]:
+    from torchvision.models import resnet18
+
+    torch.manual_seed(123)
+    return resnet18(weights=None).state_dict()  # 1000 classes, as the real file
+
+
+def test_pretrained_weights_load_with_a_new_classifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _imagenet_state()
+    monkeypatch.setattr(TV_DOWNLOAD, lambda url, *a, **k: state)
+    torch.manual_seed(0)
+    model = build_model(
+        {"_target_": "cifar_run.models.resnet.torchvision_resnet18", "weights": "IMAGENET1K_V1"}
+    )
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert model.fc.out_features == 10 and count_parameters(model) == 11_181_642
+    torch.manual_seed(0)
+    again = build_model(
+        {"_target_": "cifar_run.models.resnet.torchvision_resnet18", "weights": "DEFAULT"}
+    )
+    assert torch.equal(again.fc.weight, model.fc.weight)  # the new head is seeded
+
+
+def test_failed_download_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from urllib.error import URLError
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(TV_DOWNLOAD, offline)
+    spec = {"_target_": "cifar_run.models.resnet.torchvision_resnet18", "weights": "DEFAULT"}
+    with pytest.raises(UserError) as info:
+        build_model(spec)
+    message = str(info.value)
+    assert message.startswith("model.weights=DEFAULT: cannot load torchvision's ImageNet")
+    assert "Name or service not known" in message and "model.weights=null" in message
+    assert "\n" not in message
+
+
+def test_unknown_weights_name_lists_the_choices() -> None:
+    spec = {"_target_": "cifar_run.models.resnet.torchvision_resnet18", "weights": "imagenet"}
+    with pytest.raises(UserError, match="model.weights=imagenet: unknown; allowed: null, DEFAULT"):
+        build_model(spec)
+
+
+def test_config_checks_never_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate() builds the model on the meta device to check the pruning selection."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("downloaded during validation")
+
+    monkeypatch.setattr(TV_DOWNLOAD, refuse)
+    validate(compose_cfg([*TINY, "model=resnet18_tv", "model.weights=DEFAULT", "prune=0.5"]))

@@ -162,9 +162,34 @@ class ResNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
 
 
-def torchvision_resnet18(num_classes: int = 10) -> nn.Module:
-    """``torchvision.models.resnet18(weights=None)``: ImageNet stem (7x7 stride-2 conv and
-    max pool), random initialisation; never downloads weights (report 000)."""
-    from torchvision.models import resnet18
+def torchvision_resnet18(num_classes: int = 10, weights: str | None = None) -> nn.Module:
+    """``torchvision.models.resnet18``: ImageNet stem (7x7 stride-2 conv and max pool).
 
-    return resnet18(weights=None, num_classes=num_classes)
+    ``weights=None``: random initialisation (report 000). ``weights="IMAGENET1K_V1"`` (or
+    ``"DEFAULT"``): torchvision's ImageNet weights, downloaded once into torch's hub cache,
+    with a new randomly initialised classifier for ``num_classes`` outputs (fine-tuning).
+    """
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    if weights is None:
+        return resnet18(weights=None, num_classes=num_classes)
+    allowed = ["DEFAULT", *(w.name for w in ResNet18_Weights)]
+    if weights not in allowed:
+        raise UserError(f"model.weights={weights}: unknown; allowed: null, {', '.join(allowed)}")
+    if torch.get_default_device().type == "meta":
+        # The config checks build models on the meta device, to look at their layers: that
+        # must not download anything.
+        return resnet18(weights=None, num_classes=num_classes)
+    try:
+        model = resnet18(weights=ResNet18_Weights[weights])
+    except (OSError, RuntimeError, ValueError) as exc:  # offline, refused, corrupt download
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model.weights={weights}: cannot load torchvision's ImageNet weights ({reason}); "
+            f"they download once into {torch.hub.get_dir()}/checkpoints (needs internet), "
+            "or use model.weights=null"
+        ) from None
+    if num_classes != model.fc.out_features:
+        # ImageNet's 1000-way head does not fit: a fresh one (seeded like any init).
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
