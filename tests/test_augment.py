@@ -15,6 +15,7 @@ from cifar_run.augment import (
     _resized_crop_boxes,
     build_augment,
     cutout,
+    normalization,
     preview_grid,
     preview_png,
     random_crop,
@@ -24,6 +25,7 @@ from cifar_run.augment import (
     rotate,
 )
 from cifar_run.cli import CONF_DIR
+from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
@@ -216,3 +218,26 @@ def test_every_set_trains_end_to_end(tmp_path: Path, path: Path) -> None:
     results = run(cfg, tmp_path)
     assert results["status"] == "completed" and results["augment"] == path.stem
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "mean", "std"),
+    [
+        ("cifar", CIFAR10_MEAN, CIFAR10_STD),
+        ("half", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+    ],
+)
+def test_fixed_normalizations(name: str, mean: tuple, std: tuple) -> None:
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert normalization(name, images) == (mean, std)
+
+
+def test_dataset_normalization_is_the_training_split_statistics() -> None:
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    mean, std = normalization("dataset", images)
+    x = images.double() / 255
+    assert mean == pytest.approx(x.mean((0, 2, 3)).tolist())
+    assert std == pytest.approx(x.std((0, 2, 3)).tolist())
+    with pytest.raises(UserError, match="allowed: cifar, half, dataset, imagenet"):
+        normalization("imagenette", images)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
+from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from cifar_run.errors import UserError
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -276,10 +276,12 @@ def normalization(
         return CIFAR10_MEAN, CIFAR10_STD
     if name == "half":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if name == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
     if name == "dataset":
         x = train_images.double() / 255
         return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
-    raise UserError(f"augment.normalize={name}: unknown; allowed: cifar, half, dataset")
+    raise UserError(f"augment.normalize={name}: unknown; allowed: cifar, half, dataset, imagenet")
 
 
 def preview_grid(

@@ -205,7 +205,7 @@ def _pair(key: str, value: Any, lo: float, hi: float, allowed: str) -> None:
         raise UserError(f"{key}={value}: must be [min, max] with {allowed}")
 
 
-NORMALIZE = ("cifar", "half", "dataset")
+NORMALIZE = ("cifar", "half", "dataset", "imagenet")
 PADDING_MODES = ("zeros", "reflect")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 

@@ -19,6 +19,9 @@ CIFAR10_CLASSES = (
 # (0.2023, 0.1994, 0.2010) is a long-lived typo; these are the measured values.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# What torchvision's ImageNet weights were trained with (model.weights of resnet18_tv).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGE_SHAPE = (3, 32, 32)
 
