@@ -201,18 +201,25 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a state.pt; anything unreadable is a one-line CheckpointError naming the file."""
-    path = Path(path)
+def _read(path: Path, remedy: str) -> dict[str, Any]:
+    """A cifar-run checkpoint file as a dict; anything unreadable is a one-line
+    CheckpointError naming the file and `remedy`."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncation and corruption surface as many exception types
         raise CheckpointError(
             f"{path}: cannot read the checkpoint, it is truncated or corrupt ({_reason(exc)}); "
-            "nothing was changed: restore the file or start a new run"
+            f"{remedy}"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-run checkpoint (format {FORMAT} expected)")
+    return data
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a state.pt; anything unreadable is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    data = _read(path, "nothing was changed: restore the file or start a new run")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
@@ -249,15 +256,7 @@ def load_stage(
     path = stage_path(out_dir)
     if not path.exists():
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncation and corruption surface as many exception types
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint, it is truncated or corrupt ({_reason(exc)}); "
-            "delete it to redo the pruning stage from best.pt"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a cifar-run checkpoint (format {FORMAT} expected)")
+    data = _read(path, "delete it to redo the pruning stage from best.pt")
     if data.get("config_hash") != config_hash(cfg):
         raise CheckpointError(
             f"{path}: belongs to another config; delete it to redo the pruning stage"
