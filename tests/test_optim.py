@@ -264,7 +264,7 @@ BAD = [
     (["augment=resized_crop", "augment.ratio=[1.2,1.1]"], "augment.ratio=[1.2, 1.1]"),
     (["augment=autoaugment", "augment.policy=mnist"], "augment.policy=mnist"),
     (["augment=trivialaugment", "augment.num_magnitude_bins=1"], "augment.num_magnitude_bins=1"),
-    (["augment.normalize=imagenet"], "augment.normalize=imagenet"),
+    (["augment.normalize=imagenette"], "augment.normalize=imagenette"),
     (["optim.momentum=1.5"], "optim.momentum=1.5"),
     (["optim.weight_decay=-1"], "optim.weight_decay=-1"),
     (["optim.momentum=0", "optim.nesterov=true"], "optim.nesterov=true"),
