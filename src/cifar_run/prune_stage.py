@@ -374,13 +374,13 @@ def run_pruning(
         if step < resume_step:
             continue
         last = step == len(targets)
-        finetune_resume = None
-        if step == resume_step:  # pruned and evaluated before the interruption
-            sparsity = global_sparsity(sparsity_table(model, params))
-            finetune_resume = resume["finetune"] if resume is not None else None
-        else:
+        # The step the stop came in: it was pruned and evaluated then, its masks came back above.
+        resumed = resume is not None and step == resume_step
+        if not resumed:
             apply_global_l1(params, target)
-            sparsity = global_sparsity(sparsity_table(model, params))
+        sparsity = global_sparsity(sparsity_table(model, params))
+        finetune_resume = resume["finetune"] if resumed else None
+        if not resumed:
             if not last and settings.finetune_epochs == 0:
                 continue
             val = data.evaluate(model, data.val)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.device) -> str:
@@ -339,13 +336,17 @@ def _train(
         )
         # Without a validation split the last epoch counts as best (nothing else to select on).
         if not has_val or val.acc > loop.best_acc:
-            loop.best_acc, loop.best_epoch, loop.best_state = val.acc, epoch, _cpu_state(model)
+            loop.best_acc, loop.best_epoch, loop.best_state = (
+                val.acc,
+                epoch,
+                checkpoint.cpu_state(model),
+            )
             if out_dir is not None:
                 atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
         loop.epoch = epoch
         if out_dir is not None:
             report.write_metrics(out_dir, history)
-            atomic.torch_save(_cpu_state(model), out_dir / "checkpoints" / "last.pt")
+            atomic.torch_save(checkpoint.cpu_state(model), out_dir / "checkpoints" / "last.pt")
             # Last: the files above are redone on resume; this one says what is done.
             checkpoint.save(
                 out_dir,
@@ -361,7 +362,7 @@ def _train(
 
     if loop.best_state is None:  # epochs=0: the weights of ckpt_path, validated as they are
         val = stage_data.evaluate(net, val_batches)
-        loop.best_acc, loop.best_state = val.acc, _cpu_state(model)
+        loop.best_acc, loop.best_state = val.acc, checkpoint.cpu_state(model)
         log.info("epochs=0: %s as it is, val acc %.2f", cfg.ckpt_path, val.acc)
         if out_dir is not None:
             report.write_metrics(out_dir, history)
@@ -418,11 +419,7 @@ def _train(
     if settings.enabled:
         save_stage, stage_resume = None, None
         if out_dir is not None:
-            stage_dir = out_dir
-
-            def save_stage(payload: dict[str, Any]) -> None:
-                checkpoint.save_stage(stage_dir, payload, generators=generators, cfg=cfg)
-
+            save_stage = partial(checkpoint.save_stage, out_dir, generators=generators, cfg=cfg)
             if resume_from is not None:
                 stage_resume = checkpoint.load_stage(out_dir, cfg, generators)
         results.update(
