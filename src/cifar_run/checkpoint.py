@@ -105,6 +105,10 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Keys added after runs were written whose default is not null, at that default: it changes
+# nothing, so a saved config without the key and a current one with it compare as equal.
+LATER_DEFAULTS = {"mix.name": "none"}
+
 # Keys naming a folder or file, relative to the working directory of the command that set them.
 PATH_KEYS = ("data.root", "ckpt_path")
 
@@ -118,7 +122,7 @@ def config_diff(
 ) -> list[str]:
     """`key: saved -> current` for every result-affecting key that differs. A key set to
     null counts as absent, so a key added later with a null default (`early_stop`) does not
-    set apart the runs of configs written before it.
+    set apart the runs of configs written before it; nor does one at its LATER_DEFAULTS value.
 
     With `saved_cwd`, the working directory of the run that wrote `saved`, path keys are
     compared as the folders they name (`tests/data` there and its absolute path here agree);
@@ -130,6 +134,10 @@ def config_diff(
             if isinstance(was, str) and isinstance(now, str):
                 if _folder(was, saved_cwd) == _folder(now, os.getcwd()):
                     old[key] = now
+    for key, default in LATER_DEFAULTS.items():
+        for snapshot in (old, new):
+            if snapshot.get(key) == default:
+                del snapshot[key]
     absent = "<absent>"
     return [
         f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}"

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_run.constants import PRECISIONS, TTA_MODES
+from cifar_run.constants import MIX_MODES, PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
 from cifar_run.pruning_config import PruningSettings, validate_pruning
 
@@ -242,6 +242,17 @@ def check_augment(aug: DictConfig) -> None:
         )
 
 
+def check_mix(mix: DictConfig | None) -> None:
+    """The `mix` group (absent in configs older than it: no mixing)."""
+    if mix is None:
+        return
+    one_of("mix.name", mix.get("name"), MIX_MODES)
+    if mix.name == "none":
+        return
+    _in_range("mix.alpha", mix.get("alpha"), 0, float("inf"), "a number > 0", open_lo=True)
+    _in_range("mix.prob", mix.get("prob"), 0, 1, "a probability in [0, 1]")
+
+
 def check_optim(optim: DictConfig) -> None:
     """The keys of the optim group that the chosen optimizer has."""
     _in_range(
@@ -439,6 +450,7 @@ def validate(cfg: DictConfig) -> None:
     check_top_level(cfg)
     check_data(cfg.data)
     check_augment(cfg.augment)
+    check_mix(cfg.get("mix"))
     check_optim(cfg.optim)
     if cfg.epochs > 0:  # with epochs=0 no schedule is built
         check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)

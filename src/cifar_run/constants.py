@@ -28,6 +28,9 @@ IMAGE_SHAPE = (3, 32, 32)
 # `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.accel).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# `mix.name` values: batch mixing of training batches (cifar_run.mix).
+MIX_MODES = ("none", "mixup", "cutmix")
+
 # `tta` values: test-time augmentation of every evaluation (validation, test, pruning stage).
 TTA_MODES = ("none", "flip")
 

@@ -66,6 +66,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
+    Labels are class indices (B,) or class probabilities (B, classes), e.g. mixup's.
 
     `autocast`: run the forward pass and loss under `torch.autocast` in that dtype (bf16 or
     fp16; None: fp32). `scaler`: scale the loss for fp16 (a GradScaler skips steps whose
@@ -97,7 +98,10 @@ def train_one_epoch(
         if step_scheduler is not None:
             step_scheduler()
         loss_sum += loss.detach() * y.shape[0]
-        correct += (out.detach().argmax(1) == y).sum()
+        # Mixed batches (cifar_run.mix) carry label probabilities: a prediction counts as
+        # correct when it names the label with the larger share.
+        labels = y.argmax(1) if y.ndim == 2 else y
+        correct += (out.detach().argmax(1) == labels).sum()
         n += y.shape[0]
         recent.add(loss, lr)
     recent.check()

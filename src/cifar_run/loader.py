@@ -8,6 +8,7 @@ import torch
 
 from cifar_run.augment import Augment
 from cifar_run.data import ArraySplit
+from cifar_run.mix import Mix, epoch_rng
 
 
 class DeviceLoader:
@@ -16,7 +17,8 @@ class DeviceLoader:
     The images are copied to `device` once as uint8 (CIFAR-10 train is 150 MB), and each
     batch is indexed, augmented and normalized there. The order is `torch.randperm` from a
     CPU generator, the same permutation `RandomSampler(generator=...)` draws.
-    `memory_format=torch.channels_last` hands out NHWC batches (for conv nets).
+    `memory_format=torch.channels_last` hands out NHWC batches (for conv nets). With `mix`,
+    batches are mixed after normalization and the labels are (B, classes) probabilities.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class DeviceLoader:
         seed: int = 0,
         augment: Augment | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        mix: Mix | None = None,
     ) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -41,6 +44,8 @@ class DeviceLoader:
         self.memory_format = memory_format
         self.order_generator = torch.Generator().manual_seed(seed)
         self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.mix = mix
+        self.mix_generator = torch.Generator().manual_seed(seed + 2)
         # Folding 1/255 into the normalization saves a pass over every batch.
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(
@@ -68,6 +73,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices().to(self.device)
+        rng = epoch_rng(self.mix_generator) if self.mix is not None else None
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             x = self.images[idx]
@@ -76,4 +82,7 @@ class DeviceLoader:
             # Reordered while still uint8 (a quarter of the bytes); the arithmetic below
             # keeps the layout of its input.
             x = x.contiguous(memory_format=self.memory_format)
-            yield x.float() * self.scale + self.shift, self.labels[idx]
+            x, y = x.float() * self.scale + self.shift, self.labels[idx]
+            if rng is not None:
+                x, y = self.mix(x, y, rng)
+            yield x, y

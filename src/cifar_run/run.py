@@ -27,6 +27,7 @@ from cifar_run.data import Splits, load_data
 from cifar_run.engine import NonFiniteLoss
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
+from cifar_run.mix import build_mix
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
@@ -58,7 +59,7 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         f"parameters: {params}",
         f"data: {cfg.data.name} (root {cfg.data.root}, val_size {cfg.data.val_size}, "
         f"subset {cfg.data.subset})",
-        f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize})",
+        f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize}), mix {_mix_name(cfg)}",
         f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}",
         f"sched: {cfg.sched.name}",
         f"init: {cfg.get('ckpt_path') or 'random (seed)'}",
@@ -93,6 +94,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "precision": accel.resolve_precision(cfg.precision, device).name,
         "tta": cfg.tta,
         "augment": cfg.augment.name,
+        "mix": cfg.mix.name if cfg.get("mix") is not None else "none",
         "sched": cfg.sched.name,
         "data": cfg.data.name,
         "val_size": cfg.data.val_size,
@@ -100,6 +102,14 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "prune": float(cfg.prune),
         "ckpt_path": _ckpt_path(cfg),
     }
+
+
+def _mix_name(cfg: DictConfig) -> str:
+    """The `mix` group for the dry-run summary."""
+    mix = cfg.get("mix")
+    if mix is None or mix.name == "none":
+        return "none"
+    return f"{mix.name} (alpha {mix.alpha:g}, prob {mix.prob:g})"
 
 
 def _ckpt_path(cfg: DictConfig) -> str | None:
@@ -241,8 +251,9 @@ def _train(
         cfg.compile,
     )
     norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
+    mix = build_mix(cfg.get("mix"), num_classes=len(splits.classes))
     train_batches = DeviceLoader(
-        splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **norm
+        splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, mix=mix, **norm
     )
     val_batches = DeviceLoader(splits.val, EVAL_BATCH_SIZE, **norm)
     test_batches = DeviceLoader(splits.test, EVAL_BATCH_SIZE, **norm)
@@ -275,6 +286,8 @@ def _train(
         "order": train_batches.order_generator,
         "augment": train_batches.augment_generator,
     }
+    if mix is not None:  # only then, so that checkpoints of runs without mixing stay as they were
+        generators["mix"] = train_batches.mix_generator
     loop = LoopState()
     if resume_from is not None:
         loop = checkpoint.restore(

@@ -1,0 +1,83 @@
+"""Batch mixing of training batches: mixup and CutMix, with soft labels.
+
+A mixed batch pairs each image with the one at the mirrored position in the batch
+(`x.flip(0)`, as timm does: the batch order is already random) and blends the pair with one
+weight `lam ~ Beta(alpha, alpha)` per batch: mixup interpolates the whole images, CutMix
+pastes a box of the partner whose area is `1 - lam` of the image (the box is clipped at the
+border and `lam` recomputed from the area actually pasted). The labels become the same blend
+of the two one-hot vectors, which cross-entropy takes as class probabilities.
+
+Draws come from a `random.Random` per epoch, seeded from a torch CPU generator that the run
+checkpoints: `lam` and the box are host numbers, so mixing adds no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cifar_run.constants import MIX_MODES
+
+
+@dataclass(frozen=True)
+class Mix:
+    mode: str  # "mixup" | "cutmix"
+    alpha: float  # Beta(alpha, alpha) concentration, > 0
+    prob: float  # probability that a batch is mixed at all
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in MIX_MODES[1:]:
+            raise ValueError(f"mix mode {self.mode!r}: allowed: {', '.join(MIX_MODES[1:])}")
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,C,H,W) float images and (B,) class labels -> mixed images and (B, classes)
+        label probabilities. Unmixed batches (probability 1 - prob) get one-hot labels, so
+        every batch of an epoch has the same label shape."""
+        target = F.one_hot(y, self.num_classes).to(torch.float32)
+        if rng.random() >= self.prob:
+            return x, target
+        lam = rng.betavariate(self.alpha, self.alpha)
+        partner = x.flip(0)
+        if self.mode == "mixup":
+            x = torch.lerp(partner, x, lam)  # lam * x + (1 - lam) * partner
+        else:
+            x, lam = _paste_box(x, partner, lam, rng)
+        return x, torch.lerp(target.flip(0), target, lam)
+
+
+def _paste_box(
+    x: torch.Tensor, partner: torch.Tensor, lam: float, rng: random.Random
+) -> tuple[torch.Tensor, float]:
+    """CutMix's box: sides sqrt(1 - lam) of the image's, centred uniformly, clipped at the
+    border; returns the images and the share of each image left unpasted."""
+    h, w = x.shape[-2:]
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = rng.randrange(h), rng.randrange(w)
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    if y1 <= y0 or x1 <= x0:
+        return x, 1.0
+    x = x.clone()  # the loader's batch is fresh, but a caller's tensor must stay as it was
+    x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+    return x, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def epoch_rng(generator: torch.Generator) -> random.Random:
+    """One epoch's source of mixing draws, seeded from the checkpointed `generator`."""
+    return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+def build_mix(cfg: Any, num_classes: int) -> Mix | None:
+    """The `mix` group as a Mix, or None for `mix=none` (and configs older than the group)."""
+    if cfg is None or cfg.name == "none":
+        return None
+    return Mix(cfg.name, float(cfg.alpha), float(cfg.prob), num_classes)
