@@ -76,3 +76,30 @@ def test_confusion_matrix_counts_each_true_and_predicted_class() -> None:
     assert stats.acc == pytest.approx(100.0 * expected.trace().item() / 48)
     plain = evaluate(model, batches, nn.CrossEntropyLoss(), device=torch.device("cpu"))
     assert plain.confusion is None and plain.acc == stats.acc
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_grad_clip_bounds_each_step_by_the_clipped_norm(fp16: bool) -> None:
+    # Plain SGD at lr 1 moves the parameters by exactly the gradient it is given, so the
+    # step's size is the clipped gradient norm (with fp16's scaler: of the unscaled one).
+    def step(grad_clip: float | None) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        batch = (10 * torch.randn(8, 3, 32, 32), torch.arange(8))
+        train_one_epoch(
+            model,
+            [batch],
+            opt,
+            nn.CrossEntropyLoss(),
+            device=torch.device("cpu"),
+            autocast=torch.float16 if fp16 else None,
+            scaler=torch.amp.GradScaler("cpu", init_scale=64.0) if fp16 else None,
+            grad_clip=grad_clip,
+        )
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return float((after - before).norm())
+
+    assert step(None) > 2
+    assert step(0.5) == pytest.approx(0.5, rel=1e-3)

@@ -271,6 +271,8 @@ BAD = [
     (["optim=adam", "optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]"),
     (["optim=adamw", "optim.label_smoothing=1.0"], "optim.label_smoothing=1.0"),
     (["optim.fused=yes"], "optim.fused=yes"),
+    (["optim.grad_clip=0"], "optim.grad_clip=0"),
+    (["optim=adam", "optim.grad_clip=-1"], "optim.grad_clip=-1"),
     (["epochs=3", "sched.warmup_epochs=3"], "sched.warmup_epochs=3"),
     (["sched=none", "sched.warmup_epochs=-1"], "sched.warmup_epochs=-1"),
     (["sched.warmup_start_factor=0"], "sched.warmup_start_factor=0"),
@@ -369,3 +371,23 @@ def test_preview_writes_the_grid_and_does_not_train(tmp_path: Path) -> None:
     # 8 rows of an original and 3 draws, 32 pixels plus 2 of padding each, zoomed 4x.
     assert grid.shape[:2] == (4 * (2 + 8 * 34), 4 * (2 + 4 * 34))
     assert not (run_dir / "metrics.csv").exists() and not (run_dir / "results.json").exists()
+
+
+def test_grad_clip_reaches_training(tmp_path: Path) -> None:
+    # Plain SGD without weight decay, every step's gradient clipped to a norm of 1e-9: the
+    # run's weights end where they started, and without the clip they do not.
+    from cifar_run.models import build_model
+    from cifar_run.run import seed_everything
+
+    base = [*TINY, "optim.momentum=0", "optim.weight_decay=0", "lr=1.0"]
+    cfg = compose_cfg(base)
+    seed_everything(cfg.seed)
+    start = build_model(cfg.model).state_dict()
+
+    def moved(extra: list[str], name: str) -> float:
+        run(compose_cfg([*base, *extra]), tmp_path / name)
+        end = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        return max(float((end[k] - start[k]).abs().max()) for k in start)
+
+    assert moved(["optim.grad_clip=1e-9"], "clipped") < 1e-7
+    assert moved([], "free") > 1e-3

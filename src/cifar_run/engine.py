@@ -64,6 +64,7 @@ def train_one_epoch(
     check_every: int = CHECK_EVERY,
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
     Labels are class indices (B,) or class probabilities (B, classes), e.g. mixup's.
@@ -71,6 +72,9 @@ def train_one_epoch(
     `autocast`: run the forward pass and loss under `torch.autocast` in that dtype (bf16 or
     fp16; None: fp32). `scaler`: scale the loss for fp16 (a GradScaler skips steps whose
     gradients overflowed; its inf check costs one host synchronisation per step on CUDA).
+    `grad_clip`: scale the gradients of all parameters together down to at most this L2
+    norm before each step (torch.nn.utils.clip_grad_norm_; with a scaler, of the unscaled
+    gradients).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.
@@ -82,6 +86,7 @@ def train_one_epoch(
     n = 0
     total = len(batches) if isinstance(batches, Sized) else None
     recent = _RecentLosses(check_every, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -90,9 +95,14 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
         else:
             scaler.scale(loss).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip what the step will apply, not the scaled
+                nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
         if step_scheduler is not None:

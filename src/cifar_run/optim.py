@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 # Keys of an optim/sched entry that describe how we use it rather than constructor arguments.
-_OPTIM_META = ("name", "label_smoothing")
+_OPTIM_META = ("name", "label_smoothing", "grad_clip")
 _SCHED_META = ("name", "interval", "warmup_epochs", "warmup_start_factor", "monitor")
 # torch's names for the length of a schedule; null in the config means "the rest of the run
 # after warmup", counted in the schedule's interval (epochs or batches).

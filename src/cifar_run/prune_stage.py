@@ -96,6 +96,7 @@ class StageData:
     device: torch.device
     autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
     tta: str = "none"  # and its test-time augmentation
+    grad_clip: float | None = None  # max L2 norm of the gradients per step (optim.grad_clip)
 
     def evaluate(
         self, model: nn.Module, batches: Batches, num_classes: int | None = None
@@ -133,6 +134,7 @@ class StageData:
             desc=desc,
             autocast=self.autocast,
             scaler=scaler,
+            grad_clip=self.grad_clip,
         )
         return train, self.evaluate(model, self.val)
 

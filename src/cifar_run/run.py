@@ -279,6 +279,7 @@ def _train(
         device=device,
         autocast=precision.dtype,
         tta=cfg.tta,
+        grad_clip=cfg.optim.get("grad_clip"),
     )
 
     # Every random stream an epoch draws from, saved and restored with the checkpoint.
