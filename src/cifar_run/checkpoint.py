@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run import atomic
+from cifar_run.ema import averaged_weights
 from cifar_run.errors import CheckpointError, UserError
 from cifar_run.reproducibility import rng_state, set_rng_state
 
@@ -178,8 +179,10 @@ def save(
     cfg: DictConfig,
     device: torch.device,
     scaler: Any = None,
+    ema: nn.Module | None = None,
 ) -> None:
-    """Write `checkpoints/state.pt` atomically: everything needed to run the next epoch."""
+    """Write `checkpoints/state.pt` atomically: everything needed to run the next epoch.
+    With `ema` (the run's weight average) the best weights are the average's."""
     # While the current weights are the best, storing them twice would double the file.
     best_is_model = loop.best_epoch == loop.epoch
     payload = {
@@ -192,6 +195,7 @@ def save(
             "state": None if best_is_model else loop.best_state,
         },
         "model": cpu_state(model),
+        "ema": cpu_state(ema) if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -392,11 +396,16 @@ def restore(
     scheduler: Any,
     generators: Mapping[str, torch.Generator],
     scaler: Any = None,
+    ema: nn.Module | None = None,
 ) -> LoopState:
     """Load every state into the freshly built objects; return the loop state to continue."""
     data = ckpt.data
     try:
         model.load_state_dict(data["model"])
+        current = data["model"]  # the weights evaluated: the model's, or its average's
+        if ema is not None:
+            ema.load_state_dict(data["ema"])
+            current = averaged_weights(data["ema"])
         optimizer.load_state_dict(data["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(data["scheduler"])
@@ -409,7 +418,7 @@ def restore(
             history=list(data["history"]),
             best_acc=float(best["acc"]),
             best_epoch=int(best["epoch"]),
-            best_state=best["state"] if best["state"] is not None else dict(data["model"]),
+            best_state=best["state"] if best["state"] is not None else dict(current),
         )
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(

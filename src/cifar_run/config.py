@@ -456,6 +456,8 @@ def validate(cfg: DictConfig) -> None:
     check_optim(cfg.optim)
     if cfg.epochs > 0:  # with epochs=0 no schedule is built
         check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
+    if cfg.get("ema") is not None:
+        _in_range("ema", cfg.ema, 0, 1, "a decay in (0, 1), or null", open_lo=True, open_hi=True)
     if cfg.get("early_stop") is not None and cfg.data.val_size == 0:
         raise UserError(
             f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"

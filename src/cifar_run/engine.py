@@ -65,6 +65,7 @@ def train_one_epoch(
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
     Labels are class indices (B,) or class probabilities (B, classes), e.g. mixup's.
@@ -74,7 +75,8 @@ def train_one_epoch(
     gradients overflowed; its inf check costs one host synchronisation per step on CUDA).
     `grad_clip`: scale the gradients of all parameters together down to at most this L2
     norm before each step (torch.nn.utils.clip_grad_norm_; with a scaler, of the unscaled
-    gradients).
+    gradients). `after_step` is called after every optimizer step (e.g. a weight average's
+    update).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.
@@ -105,6 +107,8 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
+        if after_step is not None:
+            after_step()
         if step_scheduler is not None:
             step_scheduler()
         loss_sum += loss.detach() * y.shape[0]

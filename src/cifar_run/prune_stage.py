@@ -121,9 +121,12 @@ class StageData:
         scaler: torch.amp.GradScaler | None,
         desc: str,
         step_scheduler: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None,
+        eval_model: nn.Module | None = None,
     ) -> tuple[EpochStats, EpochStats]:
-        """One training pass over `train`, then `model` on `val`: (train, val) statistics.
-        Raises engine.NonFiniteLoss when the loss goes NaN or infinite."""
+        """One training pass over `train`, then `eval_model` (default: `model`) on `val`:
+        (train, val) statistics. Raises engine.NonFiniteLoss when the loss goes NaN or
+        infinite."""
         train = train_one_epoch(
             model,
             self.train,
@@ -135,8 +138,9 @@ class StageData:
             autocast=self.autocast,
             scaler=scaler,
             grad_clip=self.grad_clip,
+            after_step=after_step,
         )
-        return train, self.evaluate(model, self.val)
+        return train, self.evaluate(eval_model or model, self.val)
 
 
 def epoch_metrics(train: EpochStats, val: EpochStats) -> dict[str, float]:

@@ -24,6 +24,7 @@ from cifar_run.augment import build_augment, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import Splits, load_data
+from cifar_run.ema import weight_average
 from cifar_run.engine import NonFiniteLoss
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
@@ -60,7 +61,8 @@ def _summary(cfg: DictConfig, model: nn.Module, params: int, device: torch.devic
         f"data: {cfg.data.name} (root {cfg.data.root}, val_size {cfg.data.val_size}, "
         f"subset {cfg.data.subset})",
         f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize}), mix {_mix_name(cfg)}",
-        f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}",
+        f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}, "
+        f"ema {cfg.get('ema')}",
         f"sched: {cfg.sched.name}",
         f"init: {cfg.get('ckpt_path') or 'random (seed)'}",
         f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}",
@@ -85,6 +87,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "params": params,
         "epochs": cfg.epochs,
         "early_stop": cfg.get("early_stop"),
+        "ema": cfg.get("ema"),
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "optimizer": cfg.optim.name,
@@ -289,6 +292,9 @@ def _train(
     }
     if mix is not None:  # only then, so that checkpoints of runs without mixing stay as they were
         generators["mix"] = train_batches.mix_generator
+    # The weights evaluated, selected, tested and pruned: the model's, or their average's.
+    ema = weight_average(model, cfg.ema) if cfg.get("ema") is not None else None
+    evaluated = model if ema is None else ema.module
     loop = LoopState()
     if resume_from is not None:
         loop = checkpoint.restore(
@@ -298,6 +304,7 @@ def _train(
             scheduler=schedule,
             generators=generators,
             scaler=scaler,
+            ema=ema,
         )
         log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
         if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
@@ -326,6 +333,8 @@ def _train(
                 scaler=scaler,
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 step_scheduler=schedule.step_batch,
+                after_step=None if ema is None else partial(ema.update_parameters, model),
+                eval_model=None if ema is None else ema.module,
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
@@ -353,14 +362,14 @@ def _train(
             loop.best_acc, loop.best_epoch, loop.best_state = (
                 val.acc,
                 epoch,
-                checkpoint.cpu_state(model),
+                checkpoint.cpu_state(evaluated),
             )
             if out_dir is not None:
                 atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
         loop.epoch = epoch
         if out_dir is not None:
             report.write_metrics(out_dir, history)
-            atomic.torch_save(checkpoint.cpu_state(model), out_dir / "checkpoints" / "last.pt")
+            atomic.torch_save(checkpoint.cpu_state(evaluated), out_dir / "checkpoints" / "last.pt")
             # Last: the files above are redone on resume; this one says what is done.
             checkpoint.save(
                 out_dir,
@@ -372,6 +381,7 @@ def _train(
                 cfg=cfg,
                 device=device,
                 scaler=scaler,
+                ema=ema,
             )
 
     if loop.best_state is None:  # epochs=0: the weights of ckpt_path, validated as they are

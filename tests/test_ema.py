@@ -1,0 +1,81 @@
+"""`ema`: a moving average of the weights is what a run validates, keeps, tests and resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cifar_run import checkpoint
+from cifar_run.config import validate
+from cifar_run.ema import averaged_weights, weight_average
+from cifar_run.errors import UserError
+from cifar_run.models import build_model
+from cifar_run.run import run, seed_everything
+
+from .conftest import TINY, compose_cfg, read_results, run_cli
+from .test_resume import Faulty, _metric_rows
+
+
+def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_average_follows_the_decay_from_the_starting_weights() -> None:
+    model = nn.Linear(3, 2)
+    ema = weight_average(model, 0.75)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module.weight, 0.75 * w0 + 0.25 * (w0 + 4.0))
+    assert set(averaged_weights(ema.state_dict())) == set(model.state_dict())
+
+
+def test_runs_evaluate_and_keep_the_average_not_the_trained_weights(tmp_path: Path) -> None:
+    # A decay this close to 1 keeps the average at the initial weights while SGD at lr 1
+    # moves the model: best.pt and last.pt must hold the average.
+    args = [*TINY, "epochs=2", "lr=1.0", "ema=0.999999999"]
+    cfg = compose_cfg(args)
+    seed_everything(cfg.seed)
+    start = build_model(cfg.model).state_dict()
+    run(cfg, tmp_path)
+    assert read_results(tmp_path)["ema"] == pytest.approx(0.999999999)
+    for name in ("best.pt", "last.pt"):
+        kept = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert _largest_change(kept, start) < 1e-6, name
+    state = checkpoint.load(checkpoint.state_path(tmp_path))
+    assert _largest_change(state.data["model"], start) > 1e-2  # the trained weights moved
+
+
+def test_average_run_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3 steps per epoch; the crash comes at epoch 2's second step, after epoch 1's checkpoint.
+    args = [*TINY, "epochs=2", "ema=0.5", "deterministic=true"]
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
+        m.setattr("cifar_run.run.build_model", lambda cfg: Faulty(at=5, fault="crash"))
+        run(compose_cfg(args), crashed)
+    assert checkpoint.load(checkpoint.state_path(crashed)).data["ema"] is not None
+    proc = run_cli(*args, "resume=true", f"hydra.run.dir={crashed}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    straight = tmp_path / "straight"
+    proc = run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ema 0.5" in run_cli(*args, "dry_run=true", cwd=tmp_path).stdout
+    a, b = read_results(crashed), read_results(straight)
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch"):
+        assert a[key] == b[key], key
+    assert _metric_rows(crashed) == _metric_rows(straight)
+    for name in ("best.pt", "last.pt"):
+        ka = torch.load(crashed / "checkpoints" / name, weights_only=True)
+        kb = torch.load(straight / "checkpoints" / name, weights_only=True)
+        assert all(torch.equal(ka[k], kb[k]) for k in ka), name
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "fast"])
+def test_bad_ema_is_one_line_naming_the_key(value: str) -> None:
+    with pytest.raises(UserError) as info:
+        validate(compose_cfg([*TINY, f"ema={value}"]))
+    assert str(info.value).startswith(f"ema={value}: must be a decay in (0, 1)")
