@@ -82,9 +82,23 @@ def test_layer_summary_is_short_and_shows_shapes(name: str):
     text = layer_summary(model)
     lines = text.splitlines()
     assert len(lines) <= 30
-    assert lines[-1].endswith(f"{EXPECTED_PARAMETERS[name]:,} parameters")
-    assert "output 10" in lines[-1]
+    assert f"; {EXPECTED_PARAMETERS[name]:,} parameters; " in lines[-1]
+    assert "output 10" in lines[-1] and lines[-1].endswith(" FLOPs forward per image")
     assert model.training, "the summary restores the training mode"
+
+
+def test_layer_summary_counts_flops_of_each_layer_and_in_all():
+    # LeNet-5's multiply-adds per image, by hand: conv1 6x28x28 outputs of 3x5x5, conv2
+    # 16x10x10 of 6x5x5, then the three linear layers; 2 FLOPs each.
+    conv1, conv2 = 6 * 28 * 28 * 3 * 25, 16 * 10 * 10 * 6 * 25
+    linear = 400 * 120 + 120 * 84 + 84 * 10
+    text = layer_summary(build_model(load("lenet5")))
+    rows = {line.split()[0]: line.split()[-1] for line in text.splitlines()[1:-1]}
+    assert rows["features.0"] == f"{2 * conv1 / 1e3:.3g}K"
+    assert rows["features.3"] == f"{2 * conv2 / 1e3:.3g}K"
+    assert rows["features.1"] == "0"
+    total = 2 * (conv1 + conv2 + linear)
+    assert text.splitlines()[-1].endswith(f"; {total / 1e6:.3g}M FLOPs forward per image")
 
 
 def test_layer_summary_collapses_repeated_blocks():
@@ -166,7 +180,7 @@ def test_dry_run_prints_count_and_layer_table(tmp_path: Path):
     assert "\nparameters: 464154\n" in proc.stdout
     table = proc.stdout.split("\nlayers:\n", 1)[1]
     assert "stages.1.1-4  BasicBlock 32->32 s1 x4" in table
-    assert table.rstrip().endswith("464,154 parameters")
+    assert "; 464,154 parameters; " in table.rstrip().splitlines()[-1]
 
 
 def test_impossible_cnn_on_the_command_line_is_one_line_before_data(tmp_path: Path):

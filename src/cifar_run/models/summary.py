@@ -1,9 +1,11 @@
 """A short, human-readable layer table for ``dry_run=true``.
 
-One row per top-level layer or block, with its output shape for a single input image and its
-parameter count. Plain containers (``nn.Sequential``, ``nn.ModuleList``) are opened; blocks with
-their own ``forward`` (a residual block, a conv block) stay one row; runs of identical rows
-(e.g. the 8 repeated blocks of a ResNet-56 stage) are collapsed into one.
+One row per top-level layer or block, with its output shape for a single input image, its
+parameter count and its forward FLOPs per image (torch.utils.flop_counter: 2 per multiply-add,
+convolutions and matrix multiplies only). Plain containers (``nn.Sequential``,
+``nn.ModuleList``) are opened; blocks with their own ``forward`` (a residual block, a conv
+block) stay one row; runs of identical rows (e.g. the 8 repeated blocks of a ResNet-56
+stage) are collapsed into one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -23,6 +26,7 @@ class _Row:
     what: str
     shape: str
     params: int
+    flops: int
     count: int = 1
     last: str = ""
 
@@ -83,6 +87,14 @@ def _shape(output: object) -> str:
     return "-"
 
 
+def _si(n: float) -> str:
+    """1303440 -> 1.30M: three significant digits, SI prefix."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= factor:
+            return f"{n / factor:.3g}{prefix}"
+    return f"{n:g}"
+
+
 def _group_name(first: str, last: str) -> str:
     head, _, a = first.rpartition(".")
     head2, _, b = last.rpartition(".")
@@ -94,7 +106,7 @@ def _group_name(first: str, last: str) -> str:
 def layer_summary(
     model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), max_lines: int = 30
 ) -> str:
-    """A table of the model's layers with output shapes for a ``input_shape`` input.
+    """A table of the model's layers with output shapes and FLOPs for a ``input_shape`` input.
 
     Runs one forward pass without gradients in eval mode (the model's mode is restored) on
     the device of the model's parameters. At most ``max_lines`` lines.
@@ -112,15 +124,19 @@ def layer_summary(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
+    counter = FlopCounterMode(display=False)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             output = model(torch.zeros(*input_shape, device=device))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
 
+    # FlopCounterMode names modules by the root's class name, then their path.
+    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    root = type(model).__name__
     rows: list[_Row] = []
     for name, module in layers:
         row = _Row(
@@ -128,6 +144,7 @@ def layer_summary(
             _describe(module),
             shapes.get(name, "-"),
             sum(p.numel() for p in module.parameters()),
+            flops.get(f"{root}.{name}", 0) if name != root else counter.get_total_flops(),
         )
         prev = rows[-1] if rows else None
         if prev and (prev.what, prev.shape, prev.params) == (row.what, row.shape, row.params):
@@ -136,10 +153,10 @@ def layer_summary(
         else:
             rows.append(row)
 
-    table = [("layer", "type", "output", "params")]
+    table = [("layer", "type", "output", "params", "FLOPs")]
     for r in rows:
         if r.count == 1:
-            table.append((r.name, r.what, r.shape, f"{r.params:,}"))
+            table.append((r.name, r.what, r.shape, f"{r.params:,}", _si(r.flops)))
         else:
             table.append(
                 (
@@ -147,20 +164,25 @@ def layer_summary(
                     f"{r.what} x{r.count}",
                     r.shape,
                     f"{r.count}x{r.params:,}",
+                    f"{r.count}x{_si(r.flops)}",
                 )
             )
     hidden = 0
     if len(table) > max_lines - 1:
         hidden = len(table) - (max_lines - 2)
         table = table[: max_lines - 2]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     lines = [
-        f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}".rstrip()
-        for a, b, c, d in table
+        f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}  "
+        f"{e:>{widths[4]}}".rstrip()
+        for a, b, c, d, e in table
     ]
     if hidden:
         lines.append(f"... {hidden} more rows")
     total = sum(p.numel() for p in model.parameters())
     size = "x".join(str(d) for d in input_shape[1:])
-    lines.append(f"input {size} -> output {_shape(output)}; {total:,} parameters")
+    lines.append(
+        f"input {size} -> output {_shape(output)}; {total:,} parameters; "
+        f"{_si(counter.get_total_flops())} FLOPs forward per image"
+    )
     return "\n".join(lines)
