@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from cifar_run.data import ArraySplit
 from cifar_run.engine import train_one_epoch
 from cifar_run.errors import UserError
 from cifar_run.loader import DeviceLoader
-from cifar_run.mix import Mix, build_mix
+from cifar_run.mix import Mix, build_mix, preview_grid
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 
@@ -168,3 +169,29 @@ def test_mixed_run_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Monke
     assert _metric_rows(crashed) == _metric_rows(straight)
     dry = run_cli(*args, "dry_run=true", cwd=tmp_path)
     assert "mix cutmix (alpha 1, prob 1)" in dry.stdout
+
+
+def test_preview_grid_rows_are_image_partner_then_mixes_of_the_two() -> None:
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    grid = preview_grid(images, Mix("cutmix", 1.0, 0.0, 1), random.Random(0), draws=3, zoom=1)
+    assert grid.shape == (3, 2 + 4 * 34, 2 + 5 * 34)
+    for i in range(4):
+        cells = [grid[:, 2 + 34 * i : 34 * (i + 1), 2 + 34 * j : 34 * (j + 1)] for j in range(5)]
+        a, b = images[i], images[3 - i]
+        assert torch.equal(cells[0], a) and torch.equal(cells[1], b)
+        for mixed in cells[2:]:  # every pixel from one of the two
+            assert ((mixed == a) | (mixed == b)).all()
+        # mixed although the Mix says prob 0: the preview always mixes
+        assert any(not torch.equal(mixed, a) for mixed in cells[2:])
+
+
+def test_preview_with_mixing_writes_mix_preview_png(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "mix=mixup", "preview=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert str(run_dir / "mix_preview.png") in proc.stdout
+    grid = matplotlib.image.imread(run_dir / "mix_preview.png")
+    # 8 rows of image, partner and 3 mixes, 32 pixels plus 2 of padding each, zoomed 4x.
+    assert grid.shape[:2] == (4 * (2 + 8 * 34), 4 * (2 + 5 * 34))
+    assert not (run_dir / "results.json").exists()

@@ -294,23 +294,33 @@ def preview_grid(
 ) -> torch.Tensor:
     """uint8 (3, H', W') grid: one row per image, the original first, then `draws` augmented
     versions of it; pixels enlarged `zoom` times so 32x32 images are visible."""
-    from torchvision.utils import make_grid
-
     n = len(images)
     copies = images.repeat_interleave(draws, 0)
     augmented = augment(copies, g) if augment is not None else copies
     rows = torch.cat([images[:, None], augmented.view(n, draws, *images.shape[1:])], 1)
-    grid = make_grid(rows.flatten(0, 1), nrow=draws + 1, padding=2, pad_value=255)
+    return image_grid(rows, zoom)
+
+
+def image_grid(rows: torch.Tensor, zoom: int = 4) -> torch.Tensor:
+    """uint8 (n, k, 3, H, W) images -> one uint8 (3, H', W') grid of n rows of k, white
+    gaps, pixels enlarged `zoom` times so 32x32 images are visible."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=2, pad_value=255)
     return grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
+
+
+def grid_png(grid: torch.Tensor) -> bytes:
+    """A uint8 (3, H, W) grid encoded as PNG."""
+    import matplotlib.image
+
+    buf = io.BytesIO()
+    matplotlib.image.imsave(buf, grid.permute(1, 2, 0).cpu().numpy(), format="png")
+    return buf.getvalue()
 
 
 def preview_png(
     images: torch.Tensor, augment: Augment | None, g: torch.Generator, draws: int = 3
 ) -> bytes:
     """`preview_grid` encoded as PNG."""
-    import matplotlib.image
-
-    buf = io.BytesIO()
-    grid = preview_grid(images, augment, g, draws=draws).permute(1, 2, 0).cpu().numpy()
-    matplotlib.image.imsave(buf, grid, format="png")
-    return buf.getvalue()
+    return grid_png(preview_grid(images, augment, g, draws=draws))

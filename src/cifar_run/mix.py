@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,6 +69,26 @@ def _paste_box(
     x = x.clone()  # the loader's batch is fresh, but a caller's tensor must stay as it was
     x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
     return x, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def preview_grid(
+    images: torch.Tensor, mix: Mix, rng: random.Random, *, draws: int = 3, zoom: int = 4
+) -> torch.Tensor:
+    """uint8 (3, H', W') grid: one row per image, the image, its partner (the images
+    reversed, as in a batch), then `draws` mixes of the two (every draw mixed, whatever
+    `mix.prob`)."""
+    from cifar_run.augment import image_grid
+
+    always = replace(mix, prob=1.0)
+    partners = images.flip(0)
+    no_labels = torch.zeros(2, dtype=torch.long)
+    rows = []
+    for a, b in zip(images, partners, strict=True):
+        pair = torch.stack([a, b]).float()
+        mixed = [always(pair, no_labels, rng)[0][0] for _ in range(draws)]
+        row = torch.stack([a, b, *(m.round().clamp(0, 255).to(torch.uint8) for m in mixed)])
+        rows.append(row)
+    return image_grid(torch.stack(rows), zoom)
 
 
 def epoch_rng(generator: torch.Generator) -> random.Random:

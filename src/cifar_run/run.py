@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run import accel, atomic, checkpoint, prune_stage, report
-from cifar_run.augment import build_augment, normalization, preview_png
+from cifar_run.augment import build_augment, grid_png, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import Splits, load_data
@@ -28,7 +28,8 @@ from cifar_run.ema import weight_average
 from cifar_run.engine import NonFiniteLoss
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
-from cifar_run.mix import build_mix
+from cifar_run.mix import build_mix, epoch_rng
+from cifar_run.mix import preview_grid as mix_preview_grid
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
@@ -225,10 +226,18 @@ def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, A
     images = _load(cfg).train.images
     pick = torch.linspace(0, len(images) - 1, min(PREVIEW_IMAGES, len(images))).long()
     png = preview_png(images[pick], augment, torch.Generator().manual_seed(cfg.seed + 1))
+    mix = build_mix(cfg.get("mix"), num_classes=1)  # the preview draws no labels
+    mix_png = None
+    if mix is not None:
+        rng = epoch_rng(torch.Generator().manual_seed(cfg.seed + 2))
+        mix_png = grid_png(mix_preview_grid(images[pick], mix, rng))
     if out_dir is not None:
         path = Path(out_dir) / "augment_preview.png"
         atomic.write_bytes(path, png)
         print(f"augment preview: {path}", flush=True)
+        if mix_png is not None:
+            atomic.write_bytes(Path(out_dir) / "mix_preview.png", mix_png)
+            print(f"mix preview: {Path(out_dir) / 'mix_preview.png'}", flush=True)
     return {"status": "preview"}
 
 
