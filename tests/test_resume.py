@@ -141,6 +141,46 @@ def test_killed_run_resumes_to_the_same_numbers_bit_for_bit(tmp_path: Path) -> N
         _assert_same_weights(killed / "checkpoints" / name, straight / "checkpoints" / name)
 
 
+def test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_completes(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    for epochs in (50, 400, 3000):  # the interrupt must land before the run ends
+        args = [*TINY, f"epochs={epochs}"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cifar_run", *args, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            # A background shell (CI) may ignore SIGINT; a terminal's Ctrl-C is delivered.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 300
+        state = checkpoint.state_path(run_dir)
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate()
+        if read_results(run_dir)["status"] != "completed":
+            break
+        shutil.rmtree(run_dir)
+    else:
+        pytest.fail("every run finished before Ctrl-C could reach it")
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    hint = f"the same command plus resume=true hydra.run.dir={run_dir}"
+    assert err.startswith("cifar-run: interrupted; resume") and hint in err, err
+    results = read_results(run_dir)
+    assert results["status"] == "failed" and results["error"] == "KeyboardInterrupt"
+    resumed = run_cli(*args, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_results(run_dir)["status"] == "completed"
+    assert len(_metric_rows(run_dir)) == epochs
+
+
 def test_crashed_run_resumes_from_its_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from cifar_run.constants import set_openmp_defaults
 from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
 
 
 def conf_dir() -> Path:
@@ -312,20 +313,46 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        # A failing job must not stop the sweep: it is recorded, and the summary callback
-        # (cifar_run.callbacks) reports it and sets the exit status once every job has run.
-        sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
-        return
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        if multirun:
+            # A failing job must not stop the sweep: it is recorded, and the summary callback
+            # (cifar_run.callbacks) reports it and sets the exit status once every job has run.
+            sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
+            return
         results = run(cfg, None if cfg.dry_run else out_dir)
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(out_dir, str(hydra_cfg.sweep.dir) if multirun else None, cfg.dry_run)
     if results.get("status") == "completed":
         # The table and where everything is: the logs above scroll by; this is the answer.
         table = out_dir / "results.md"
         print(table.read_text() if table.is_file() else "", end="")
         print(f"run folder: {out_dir}", flush=True)
+
+
+def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoReturn:
+    """Ctrl-C: one line saying how to carry on instead of a traceback; exit 130 as shells do.
+    run() has already marked the run failed in results.json (error: KeyboardInterrupt)."""
+    from cifar_run.checkpoint import state_path
+
+    if dry_run:
+        how = "nothing was written"
+    elif sweep_dir is not None:
+        how = (
+            f"rerun the same command with hydra.sweep.dir={sweep_dir}: completed jobs are "
+            "skipped, the interrupted one resumes from its last finished epoch"
+        )
+    elif state_path(out_dir).is_file():
+        how = (
+            "resume from the last finished epoch: the same command plus "
+            f"resume=true hydra.run.dir={out_dir}"
+        )
+    else:
+        how = f"no epoch had finished in {out_dir}, so there is nothing to resume: run it again"
+    print(f"cifar-run: interrupted; {how}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
 def main() -> None:
