@@ -155,3 +155,22 @@ def test_multirun_with_a_print_mode_is_one_line_not_a_traceback(tmp_path: Path, 
     assert len(lines) == 1 and mode in lines[0] and "-m" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["hydra.run.dir=a_file/run"], "hydra.run.dir"),
+        (["-m", "seed=0,1", "hydra.sweep.dir=a_file/sweep"], "hydra.sweep.dir"),
+    ],
+)
+def test_output_folder_under_a_file_is_one_line_before_anything_runs(
+    tmp_path: Path, args: list[str], key: str
+) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run_cli(*TINY, *args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"cifar-run: error: {key}=a_file/")
+    assert "a_file is a file, not a folder" in lines[0]

@@ -8,6 +8,7 @@ messages span several lines and exit with 1), then hands over to `@hydra.main`.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -156,6 +157,20 @@ def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
             fail(_unknown_key(given, key, base))
 
 
+def _check_can_create(key: str, folder: Path) -> None:
+    """The folder exists, or its nearest existing parent is a folder we may write in:
+    otherwise Hydra's mkdir would end the run with a traceback before any job starts."""
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent == folder and folder.is_dir():
+        return
+    if not parent.is_dir():
+        fail(f"{key}={folder}: {parent} is a file, not a folder; choose another {key}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{key}={folder}: no permission to create folders in {parent}; choose another {key}")
+
+
 def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     """A single run's folder: with resume=true it must hold a checkpoint of this config;
     without, it must not hold another run (run() checks both again).
@@ -173,6 +188,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
         run_dir = Path(cfg.hydra.run.dir)
     except Exception:  # a folder named by values only a running job knows: run() checks it
         return
+    _check_can_create("hydra.run.dir", run_dir)
     with open_dict(cfg):
         del cfg["hydra"]
     if cfg.resume:
@@ -255,6 +271,11 @@ def preflight(argv: list[str]) -> str | None:
                         _check_run_folder(job, hydra_overrides)
                 except UserError as exc:
                     fail(str(exc))
+        if multirun and not all_dry:
+            sweep_cfg = compose(
+                config_name="config", overrides=hydra_overrides, return_hydra_config=True
+            )
+            _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
         if multirun and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
             _check_completed_jobs(jobs, hydra_overrides)
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
