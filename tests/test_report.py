@@ -24,6 +24,7 @@ def make_run(
     overrides: list[str],
     test_acc: float | None,
     rows: list[dict] | None = None,
+    val_acc: float | None = None,
     **extra: object,
 ) -> Path:
     """A run folder as cifar-run leaves it (results via report.write_results)."""
@@ -44,7 +45,8 @@ def make_run(
     if test_acc is None:
         report.write_status(folder, {**results, "status": "failed", "error": "loss is NaN"})
         return folder
-    results.update(best_val_acc=test_acc + 1, best_epoch=2, test_acc=test_acc, train_seconds=3.0)
+    val_acc = test_acc + 1 if val_acc is None else val_acc
+    results.update(best_val_acc=val_acc, best_epoch=2, test_acc=test_acc, train_seconds=3.0)
     results["status"] = "completed"
     report.write_results(folder, results, rows=rows)
     report.write_metrics(
@@ -110,6 +112,48 @@ def test_report_on_a_seed_sweep_adds_mean_and_std_over_seeds(seed_sweep: Path) -
     for name in ("summary.md", "summary_seeds.md"):
         assert (seed_sweep / name).read_text() in out
     assert (seed_sweep / "summary.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_selection_is_made_on_validation_and_reports_its_test_accuracy(tmp_path: Path) -> None:
+    sweep_dir = make_sweep(tmp_path / "sweep", ["lr=0.01,0.1,1.0"])
+    # lr=0.1 has the best test accuracy, lr=0.01 the best validation accuracy.
+    for num, (lr, val, test) in enumerate(
+        [(0.01, 58.0, 50.0), (0.1, 52.0, 60.0), (1.0, 57.0, 55.0)]
+    ):
+        make_run(sweep_dir / f"{num}_lr={lr}", [f"lr={lr}"], test, val_acc=val)
+    proc = run_report(str(sweep_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = "selected on validation: lr=0.01 (run 0_lr=0.01): val 58.00%, test 50.00%"
+    assert line in proc.stdout.splitlines()
+    assert (sweep_dir / "summary.md").read_text().rstrip().endswith(line)
+
+
+def test_selection_over_seeds_takes_the_best_mean(seed_sweep: Path) -> None:
+    proc = run_report(str(seed_sweep), cwd=seed_sweep.parent)
+    assert proc.returncode == 0, proc.stderr
+    # validation = test + 1 in make_run: lr=0.1 averages 61.5 over its 2 completed seeds
+    assert (
+        "selected on validation: lr=0.1, mean of 2 seeds: val 61.50% (sd 0.71), "
+        "test 60.50% (sd 0.71)"
+    ) in proc.stdout
+
+
+def test_selection_is_made_per_kind_of_row(tmp_path: Path) -> None:
+    sweep_dir = make_sweep(tmp_path / "sweep", ["lr=0.01,0.1"])
+    # Dense: lr=0.1 validates better; pruned: lr=0.01 does.
+    vals = {(0.01, False): 60.0, (0.01, True): 59.0, (0.1, False): 62.0, (0.1, True): 55.0}
+    for num, lr in enumerate((0.01, 0.1)):
+        base = {"model": "lenet5", "params": 62006, "lr": lr, "seed": 0}
+        rows = [
+            {**base, "pruned": p, "best_val_acc": vals[(lr, p)], "test_acc": vals[(lr, p)] - 2}
+            for p in (False, True)
+        ]
+        make_run(sweep_dir / f"{num}_lr={lr}", [f"lr={lr}"], 60.0, rows=rows)
+    lines = summarize(load_runs([sweep_dir])).selection()
+    assert lines == [
+        "selected on validation (pruned=False): lr=0.1 (run 1_lr=0.1): val 62.00%, test 60.00%",
+        "selected on validation (pruned=True): lr=0.01 (run 0_lr=0.01): val 59.00%, test 57.00%",
+    ]
 
 
 def test_several_sweeps_at_once(seed_sweep: Path, tmp_path: Path) -> None:

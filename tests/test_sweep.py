@@ -75,7 +75,8 @@ def test_two_job_sweep_writes_summary_table_and_plot(two_job_sweep: tuple) -> No
         assert row["test_acc"] == pytest.approx(read_results(job)["test_acc"])
 
     md = (sweep_dir / "summary.md").read_text().splitlines()
-    assert md[0].startswith("| lr |") and "test_acc" in md[0] and len(md) == 4
+    assert md[0].startswith("| lr |") and "test_acc" in md[0] and len(md) == 6
+    assert md[4] == "" and md[5].startswith("selected on validation: lr=")
     assert md[0] in proc.stdout  # the table is also printed at the end of the sweep
     assert (sweep_dir / "summary.png").read_bytes()[:8] == PNG_MAGIC
     assert not (sweep_dir / "summary_seeds.csv").exists()  # seed was not swept
@@ -100,7 +101,8 @@ def test_report_on_two_run_folders_prints_a_table(two_job_sweep: tuple, tmp_path
     proc = run_report(*map(str, runs), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("| lr |") and len(lines) == 4  # lr differs: a column of its own
+    assert lines[0].startswith("| lr |") and len(lines) == 6  # lr differs: a column of its own
+    assert lines[5].startswith("selected on validation: lr=")
     assert "| a |" in lines[2] + lines[3] and "| b |" in lines[2] + lines[3]
     assert "--out" in proc.stderr and not list(tmp_path.glob("summary.*"))
 

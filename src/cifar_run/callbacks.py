@@ -47,6 +47,8 @@ class SweepSummary(Callback):
             summary = summarize(runs)
             write_summary(summary, sweep_dir)
             print(summary.markdown(), flush=True)
+            for line in summary.selection():
+                print(line, flush=True)
             log.info("sweep summary: %s", sweep_dir / "summary.md")
         except Exception:  # the sweep's results are safe in its job folders; say so loudly
             log.exception("could not write the sweep summary; `cifar-report %s` retries", sweep_dir)

@@ -415,6 +415,8 @@ def report_main(argv: list[str] | None = None) -> None:
         fail(str(exc), prog="cifar-report")
     summary = summarize(runs)
     print(summary.markdown(), end="", flush=True)
+    for line in summary.selection():
+        print(f"\n{line}", flush=True)
     seeds = summary.seeds_markdown()
     if seeds is not None:
         print(f"\nMean and standard deviation over seeds:\n\n{seeds}", end="", flush=True)

@@ -8,6 +8,10 @@ sweep folders:
 - summary.md: the swept keys, the results-table columns, `status` (and `error`), `run`;
 - summary_seeds.csv/.md, when `seed` is swept: mean and standard deviation of every accuracy
   over the seeds, grouped by the other swept keys;
+- the selection: per kind of row (dense, pruned), the setting with the highest validation
+  accuracy (with `seed` swept, the highest mean over seeds) and the test accuracy that goes
+  with it, the honest figure for a sweep (choosing by test accuracy would overstate it);
+  after the table in summary.md and on the terminal;
 - summary.png: test accuracy against each swept numeric key, one line per value of the other
   swept keys, and the validation-loss curves of every run overlaid.
 """
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,6 +242,63 @@ class Summary:
 
     def seeds_markdown(self) -> str | None:
         return None if self.seeds is None else frame_markdown(self.seeds, list(self.seeds.columns))
+
+    def selection(self) -> list[str]:
+        """One line per kind of row (the label columns' values): the setting chosen on
+        validation accuracy and its test accuracy; none for fewer than two settings."""
+        table = self.table
+        done = table[(table["status"] == "completed") & table["best_val_acc"].notna()]
+        settings = [k for k in self.keys if k != "seed"]
+        over_seeds = "seed" in self.keys
+        if done.empty or (over_seeds and not settings):
+            return []
+        lines = []
+        grouped = (
+            done.groupby(self.label_columns, sort=False) if self.label_columns else [((), done)]
+        )
+        for values, group in grouped:
+            values = values if isinstance(values, tuple) else (values,)
+            kind = ", ".join(f"{k}={v}" for k, v in zip(self.label_columns, values, strict=True))
+            kind = f" ({kind})" if kind else ""
+            if over_seeds:
+                stats = group.groupby(settings, sort=False, dropna=False)[
+                    ["best_val_acc", "test_acc"]
+                ].agg(["mean", "std", "size"])
+                if len(stats) < 2:
+                    continue
+                # By position: an index holding NaN (a key some runs lack) defeats .loc.
+                pos = int(stats[("best_val_acc", "mean")].to_numpy().argmax())
+                row = stats.iloc[pos]
+                best = stats.index[pos]
+                best = best if isinstance(best, tuple) else (best,)
+                setting = _setting(zip(settings, best, strict=True))
+                n = int(row[("test_acc", "size")])
+                lines.append(
+                    f"selected on validation{kind}: {setting}, mean of {n} seeds: "
+                    f"val {row[('best_val_acc', 'mean')]:.2f}% "
+                    f"(sd {_sd(row[('best_val_acc', 'std')])}), "
+                    f"test {row[('test_acc', 'mean')]:.2f}% (sd {_sd(row[('test_acc', 'std')])})"
+                )
+                continue
+            if len(group) < 2:
+                continue
+            row = group.iloc[int(group["best_val_acc"].to_numpy().argmax())]
+            setting = _setting((k, row[k]) for k in settings) or str(row["run"])
+            lines.append(
+                f"selected on validation{kind}: {setting} (run {row['run']}): "
+                f"val {row['best_val_acc']:.2f}%, test {row['test_acc']:.2f}%"
+            )
+        return lines
+
+
+def _setting(pairs: Iterable[tuple[str, Any]]) -> str:
+    """`key=value, ...` of the swept keys a run has (runs of several sweeps may lack some)."""
+    return ", ".join(f"{k}={v}" for k, v in pairs if not (isinstance(v, float) and v != v))
+
+
+def _sd(value: float) -> str:
+    """A standard deviation for the selection line; one seed has none."""
+    return "-" if value != value else f"{value:.2f}"
 
 
 def _label_columns(runs: list[Run]) -> list[str]:
@@ -464,7 +526,8 @@ def write_summary(summary: Summary, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = [out_dir / "summary.csv", out_dir / "summary.md"]
     atomic.write_text(written[0], summary.table.to_csv(index=False))
-    atomic.write_text(written[1], summary.markdown())
+    selection = "".join(f"\n{line}\n" for line in summary.selection())
+    atomic.write_text(written[1], summary.markdown() + selection)
     if summary.seeds is not None:
         written += [out_dir / "summary_seeds.csv", out_dir / "summary_seeds.md"]
         atomic.write_text(written[2], summary.seeds.to_csv(index=False))
