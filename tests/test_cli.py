@@ -174,3 +174,18 @@ def test_output_folder_under_a_file_is_one_line_before_anything_runs(
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"cifar-run: error: {key}=a_file/")
     assert "a_file is a file, not a folder" in lines[0]
+
+
+def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:
+    from cifar_run.cli import groups
+
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("cifar-run: train, evaluate, prune and sweep CIFAR-10")
+    assert "cifar-run -m KEY=V1,V2" in out and "cifar-report FOLDER" in out
+    for group, options in groups().items():
+        if not group.startswith("hydra"):
+            assert f"\n{group}: {', '.join(sorted(options))}\n" in out, group
+    assert "\nbatch_size: 64\n" in out  # the composed config follows
+    assert not (tmp_path / "outputs").exists()
