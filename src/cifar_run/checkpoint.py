@@ -28,6 +28,9 @@ from cifar_run.errors import CheckpointError, UserError
 from cifar_run.reproducibility import rng_state, set_rng_state
 
 STATE_FILE = Path("checkpoints") / "state.pt"
+# Plain state dicts of the weights: the ones selected on validation, and the last epoch's.
+BEST_FILE = Path("checkpoints") / "best.pt"
+LAST_FILE = Path("checkpoints") / "last.pt"
 # The pruning stage's resume point: masked weights, fine-tuning optimizer, rows so far.
 # Removed when the run completes.
 STAGE_FILE = Path("checkpoints") / "prune_state.pt"
@@ -72,6 +75,13 @@ class Checkpoint:
 
 def state_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / STATE_FILE
+
+
+def save_weights(out_dir: str | Path | None, file: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """A state dict into `out_dir / file` (BEST_FILE, LAST_FILE), atomically; a run without
+    a folder (out_dir None) keeps nothing."""
+    if out_dir is not None:
+        atomic.torch_save(dict(state), Path(out_dir) / file)
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -318,7 +318,7 @@ def _train(
         log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
         if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
             report.write_metrics(out_dir, loop.history)
-            atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+        checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     history = loop.history
     early_stop = cfg.get("early_stop")
     for epoch in range(loop.epoch + 1, cfg.epochs + 1):
@@ -373,12 +373,11 @@ def _train(
                 epoch,
                 checkpoint.cpu_state(evaluated),
             )
-            if out_dir is not None:
-                atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+            checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
         loop.epoch = epoch
         if out_dir is not None:
             report.write_metrics(out_dir, history)
-            atomic.torch_save(checkpoint.cpu_state(evaluated), out_dir / "checkpoints" / "last.pt")
+            checkpoint.save_weights(out_dir, checkpoint.LAST_FILE, checkpoint.cpu_state(evaluated))
             # Last: the files above are redone on resume; this one says what is done.
             checkpoint.save(
                 out_dir,
@@ -399,7 +398,7 @@ def _train(
         log.info("epochs=0: %s as it is, val acc %.2f", cfg.ckpt_path, val.acc)
         if out_dir is not None:
             report.write_metrics(out_dir, history)
-            atomic.torch_save(loop.best_state, out_dir / "checkpoints" / "best.pt")
+        checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
