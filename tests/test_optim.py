@@ -272,6 +272,7 @@ BAD = [
     (["optim=adamw", "optim.label_smoothing=1.0"], "optim.label_smoothing=1.0"),
     (["optim.fused=yes"], "optim.fused=yes"),
     (["optim.grad_clip=0"], "optim.grad_clip=0"),
+    (["optim.decay_norm_and_bias=maybe"], "optim.decay_norm_and_bias=maybe"),
     (["optim=adam", "optim.grad_clip=-1"], "optim.grad_clip=-1"),
     (["epochs=3", "sched.warmup_epochs=3"], "sched.warmup_epochs=3"),
     (["sched=none", "sched.warmup_epochs=-1"], "sched.warmup_epochs=-1"),
@@ -391,3 +392,29 @@ def test_grad_clip_reaches_training(tmp_path: Path) -> None:
 
     assert moved(["optim.grad_clip=1e-9"], "clipped") < 1e-7
     assert moved([], "free") > 1e-3
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_decay_norm_and_bias_false_spares_the_one_dimensional_tensors(optim: str) -> None:
+    # With zero gradients a step is weight decay alone: matrices and kernels shrink, biases
+    # and BatchNorm weights stay where they are (and all of them shrink by default).
+    from cifar_run.models import build_model
+
+    def step(exempt: bool) -> dict[str, bool]:
+        cfg = compose_cfg([f"optim={optim}", "optim.weight_decay=0.1", "model=resnet20"])
+        if exempt:
+            cfg.optim.decay_norm_and_bias = False
+        model = build_model(cfg.model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0)
+                p.grad = torch.zeros_like(p)
+        build_optimizer(cfg.optim, model.parameters(), lr=0.5).step()
+        return {name: bool((p < 1).all()) for name, p in model.named_parameters()}
+
+    shrunk = step(exempt=True)
+    ndim = {
+        n: p.ndim for n, p in build_model(compose_cfg(["model=resnet20"]).model).named_parameters()
+    }
+    assert {n for n, s in shrunk.items() if s} == {n for n, d in ndim.items() if d > 1}
+    assert all(step(exempt=False).values())

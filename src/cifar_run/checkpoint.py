@@ -118,7 +118,7 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 
 # Keys added after runs were written whose default is not null, at that default: it changes
 # nothing, so a saved config without the key and a current one with it compare as equal.
-LATER_DEFAULTS = {"mix.name": "none"}
+LATER_DEFAULTS = {"mix.name": "none", "optim.decay_norm_and_bias": True}
 
 # Keys naming a folder or file, relative to the working directory of the command that set them.
 PATH_KEYS = ("data.root", "ckpt_path")

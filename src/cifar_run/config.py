@@ -258,6 +258,8 @@ def check_optim(optim: DictConfig) -> None:
     _in_range(
         "optim.label_smoothing", optim.get("label_smoothing", 0.0), 0, 1, "in [0, 1)", open_hi=True
     )
+    if "decay_norm_and_bias" in optim:
+        boolean("optim.decay_norm_and_bias", optim.decay_norm_and_bias)
     if optim.get("grad_clip") is not None:
         positive_number("optim.grad_clip", optim.grad_clip)
     if "momentum" in optim:

@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 # Keys of an optim/sched entry that describe how we use it rather than constructor arguments.
-_OPTIM_META = ("name", "label_smoothing", "grad_clip")
+_OPTIM_META = ("name", "label_smoothing", "grad_clip", "decay_norm_and_bias")
 _SCHED_META = ("name", "interval", "warmup_epochs", "warmup_start_factor", "monitor")
 # torch's names for the length of a schedule; null in the config means "the rest of the run
 # after warmup", counted in the schedule's interval (epochs or batches).
@@ -28,9 +28,21 @@ PLATEAU_MODES = {"val_acc": "max", "val_loss": "min"}
 def build_optimizer(
     cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter], lr: float
 ) -> torch.optim.Optimizer:
-    """The optimizer named by the `optim` group, with the top-level learning rate."""
+    """The optimizer named by the `optim` group, with the top-level learning rate.
+
+    `decay_norm_and_bias: false` puts the one-dimensional tensors (biases, BatchNorm weights)
+    into a second parameter group without weight decay ("bag of tricks", He et al. 2019):
+    decaying them only pulls the network's scales and offsets towards zero."""
     spec = {k: v for k, v in cfg.items() if k not in _OPTIM_META}
-    return hydra.utils.instantiate(spec, _convert_="all")(params, lr=lr)
+    groups: Iterable[Any] = params
+    if not cfg.get("decay_norm_and_bias", True):
+        params = list(params)
+        decayed = [p for p in params if p.ndim > 1]
+        exempt = [p for p in params if p.ndim <= 1]
+        groups = [
+            g for g in ({"params": decayed}, {"params": exempt, "weight_decay": 0.0}) if g["params"]
+        ]
+    return hydra.utils.instantiate(spec, _convert_="all")(groups, lr=lr)
 
 
 @dataclass
