@@ -414,6 +414,21 @@ def test_config_diff_ignores_keys_that_do_not_change_results() -> None:
     assert checkpoint.config_diff(base, other) == ["optim.momentum: 0.9 -> 0.5", "seed: 0 -> 1"]
 
 
+def test_keys_added_later_at_their_defaults_do_not_set_old_runs_apart() -> None:
+    # A run written before `mix`, `ema`, optim.grad_clip and optim.decay_norm_and_bias
+    # existed compares equal to today's defaults, and unequal to a config that uses them.
+    added = ("mix.", "ema", "optim.grad_clip", "optim.decay_norm_and_bias")
+    snapshot = checkpoint.config_snapshot(compose_cfg(TINY))
+    old = {k: v for k, v in snapshot.items() if not k.startswith(added)}
+    assert len(old) < len(snapshot)
+    assert checkpoint.config_diff(old, compose_cfg(TINY)) == []
+    other = compose_cfg([*TINY, "optim.decay_norm_and_bias=false", "ema=0.9"])
+    assert checkpoint.config_diff(old, other) == [
+        "ema: <absent> -> 0.9",
+        "optim.decay_norm_and_bias: <absent> -> False",
+    ]
+
+
 def test_nan_is_named_at_its_exact_step_however_rarely_checked() -> None:
     model = LeNet5()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
