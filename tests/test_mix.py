@@ -68,6 +68,21 @@ def test_cutmix_labels_weigh_the_pasted_area() -> None:
     assert torch.equal(x, _batch()[0])  # the caller's batch is left as it was
 
 
+@pytest.mark.parametrize(("switch_prob", "pasted"), [(0.0, False), (1.0, True)])
+def test_mixup_cutmix_switches_between_the_two(switch_prob: float, pasted: bool) -> None:
+    x, y = _batch()
+    mix = Mix("mixup_cutmix", 1.0, 1.0, 10, cutmix_alpha=1.0, switch_prob=switch_prob)
+    kinds = set()
+    for seed in range(10):
+        mixed, target = mix(x, y, random.Random(seed))
+        from_either = ((mixed == x) | (mixed == x.flip(0))).all()
+        kinds.add(bool(from_either))
+        torch.testing.assert_close(target.sum(1), torch.ones(6))
+    assert kinds == {pasted}  # CutMix copies pixels; mixup blends every one
+    cfg = compose_cfg([*TINY, "mix=mixup_cutmix", "mix.switch_prob=0.25"]).mix
+    assert build_mix(cfg, 10) == Mix("mixup_cutmix", 0.8, 1.0, 10, 1.0, 0.25)
+
+
 def test_prob_zero_leaves_batches_alone_with_one_hot_labels() -> None:
     x, y = _batch()
     mixed, target = Mix("mixup", 1.0, 0.0, 10)(x, y, random.Random(0))
@@ -127,6 +142,8 @@ def test_loader_mixes_reproducibly_and_trains_on_soft_labels() -> None:
         (["mix=mixup", "mix.alpha=0"], "mix.alpha=0: must be a number > 0"),
         (["mix=cutmix", "mix.prob=1.5"], "mix.prob=1.5: must be a probability in [0, 1]"),
         (["mix=cutmix", "mix.name=blend"], "mix.name=blend: unknown; allowed: none, mixup"),
+        (["mix=mixup_cutmix", "mix.switch_prob=2"], "mix.switch_prob=2: must be a probability"),
+        (["mix=mixup_cutmix", "mix.cutmix_alpha=0"], "mix.cutmix_alpha=0: must be a number > 0"),
     ],
 )
 def test_bad_mix_values_are_one_line_errors(overrides: list[str], message: str) -> None:

@@ -251,6 +251,16 @@ def check_mix(mix: DictConfig | None) -> None:
         return
     _in_range("mix.alpha", mix.get("alpha"), 0, float("inf"), "a number > 0", open_lo=True)
     _in_range("mix.prob", mix.get("prob"), 0, 1, "a probability in [0, 1]")
+    if mix.name == "mixup_cutmix":
+        _in_range(
+            "mix.cutmix_alpha",
+            mix.get("cutmix_alpha"),
+            0,
+            float("inf"),
+            "a number > 0",
+            open_lo=True,
+        )
+        _in_range("mix.switch_prob", mix.get("switch_prob"), 0, 1, "a probability in [0, 1]")
 
 
 def check_optim(optim: DictConfig) -> None:

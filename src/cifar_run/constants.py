@@ -29,7 +29,7 @@ IMAGE_SHAPE = (3, 32, 32)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # `mix.name` values: batch mixing of training batches (cifar_run.mix).
-MIX_MODES = ("none", "mixup", "cutmix")
+MIX_MODES = ("none", "mixup", "cutmix", "mixup_cutmix")
 
 # `tta` values: test-time augmentation of every evaluation (validation, test, pruning stage).
 TTA_MODES = ("none", "flip")

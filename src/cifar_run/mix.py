@@ -1,6 +1,7 @@
 """Batch mixing of training batches: mixup and CutMix, with soft labels.
 
-A mixed batch pairs each image with the one at the mirrored position in the batch
+`mixup_cutmix` picks one of the two per mixed batch (timm's `switch_prob`). A mixed batch
+pairs each image with the one at the mirrored position in the batch
 (`x.flip(0)`, as timm does: the batch order is already random) and blends the pair with one
 weight `lam ~ Beta(alpha, alpha)` per batch: mixup interpolates the whole images, CutMix
 pastes a box of the partner whose area is `1 - lam` of the image (the box is clipped at the
@@ -26,10 +27,12 @@ from cifar_run.constants import MIX_MODES
 
 @dataclass(frozen=True)
 class Mix:
-    mode: str  # "mixup" | "cutmix"
-    alpha: float  # Beta(alpha, alpha) concentration, > 0
+    mode: str  # "mixup" | "cutmix" | "mixup_cutmix" (one or the other per batch)
+    alpha: float  # Beta(alpha, alpha) concentration, > 0 (mixup's under mixup_cutmix)
     prob: float  # probability that a batch is mixed at all
     num_classes: int
+    cutmix_alpha: float = 1.0  # CutMix's concentration under mixup_cutmix
+    switch_prob: float = 0.5  # under mixup_cutmix: probability of CutMix for a mixed batch
 
     def __post_init__(self) -> None:
         if self.mode not in MIX_MODES[1:]:
@@ -44,9 +47,13 @@ class Mix:
         target = F.one_hot(y, self.num_classes).to(torch.float32)
         if rng.random() >= self.prob:
             return x, target
-        lam = rng.betavariate(self.alpha, self.alpha)
+        mode, alpha = self.mode, self.alpha
+        if mode == "mixup_cutmix":  # timm's switch: one of the two per batch
+            cut = rng.random() < self.switch_prob
+            mode, alpha = ("cutmix", self.cutmix_alpha) if cut else ("mixup", self.alpha)
+        lam = rng.betavariate(alpha, alpha)
         partner = x.flip(0)
-        if self.mode == "mixup":
+        if mode == "mixup":
             x = torch.lerp(partner, x, lam)  # lam * x + (1 - lam) * partner
         else:
             x, lam = _paste_box(x, partner, lam, rng)
@@ -100,4 +107,5 @@ def build_mix(cfg: Any, num_classes: int) -> Mix | None:
     """The `mix` group as a Mix, or None for `mix=none` (and configs older than the group)."""
     if cfg is None or cfg.name == "none":
         return None
-    return Mix(cfg.name, float(cfg.alpha), float(cfg.prob), num_classes)
+    extra = {k: float(cfg[k]) for k in ("cutmix_alpha", "switch_prob") if k in cfg}
+    return Mix(cfg.name, float(cfg.alpha), float(cfg.prob), num_classes, **extra)

@@ -113,7 +113,8 @@ def _mix_name(cfg: DictConfig) -> str:
     mix = cfg.get("mix")
     if mix is None or mix.name == "none":
         return "none"
-    return f"{mix.name} (alpha {mix.alpha:g}, prob {mix.prob:g})"
+    extra = "".join(f", {k} {mix[k]:g}" for k in ("cutmix_alpha", "switch_prob") if k in mix)
+    return f"{mix.name} (alpha {mix.alpha:g}{extra}, prob {mix.prob:g})"
 
 
 def _ckpt_path(cfg: DictConfig) -> str | None:
