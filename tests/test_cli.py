@@ -189,3 +189,27 @@ def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:
             assert f"\n{group}: {', '.join(sorted(options))}\n" in out, group
     assert "\nbatch_size: 64\n" in out  # the composed config follows
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["model=resnet20", "dry_run=true"]], ids=["help", "dry_run"]
+)
+def test_stdout_closed_by_its_reader_ends_quietly(tmp_path: Path, args: list[str]) -> None:
+    # `cifar-run ... | head`: the reader is gone before anything is written.
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_run", *args],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

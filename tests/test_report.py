@@ -274,3 +274,30 @@ def test_report000_runs_as_configured(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "lr 0.0153, batch_size 64, epochs 10" in proc.stdout
     assert "sched: none" in proc.stdout and "val_size 10000" in proc.stdout
+
+
+def test_report_writes_its_files_even_when_stdout_is_closed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    sweep_dir = make_sweep(tmp_path / "sweep", ["lr=0.01,0.1"])
+    for num, lr in enumerate((0.01, 0.1)):
+        make_run(sweep_dir / f"{num}_lr={lr}", [f"lr={lr}"], 50.0 + num)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from cifar_run.cli import report_main; report_main()", "sweep"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # `cifar-report sweep | head`, the reader gone at once
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+    assert {p.name for p in sweep_dir.glob("summary.*")} == {
+        "summary.csv",
+        "summary.md",
+        "summary.png",
+    }

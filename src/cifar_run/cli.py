@@ -26,6 +26,7 @@ from cifar_run.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 def conf_dir() -> Path:
@@ -342,15 +343,17 @@ def _hydra_main(cfg: DictConfig) -> None:
             sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
             return
         results = run(cfg, None if cfg.dry_run else out_dir)
+        if results.get("status") == "completed":
+            # The table and where everything is: the logs above scroll by; this is the answer.
+            table = out_dir / "results.md"
+            print(table.read_text() if table.is_file() else "", end="")
+            print(f"run folder: {out_dir}", flush=True)
     except UserError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         _interrupted(out_dir, str(hydra_cfg.sweep.dir) if multirun else None, cfg.dry_run)
-    if results.get("status") == "completed":
-        # The table and where everything is: the logs above scroll by; this is the answer.
-        table = out_dir / "results.md"
-        print(table.read_text() if table.is_file() else "", end="")
-        print(f"run folder: {out_dir}", flush=True)
+    except BrokenPipeError:  # Hydra would print a traceback for it
+        _stdout_closed()
 
 
 def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoReturn:
@@ -376,18 +379,37 @@ def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoRetur
     raise SystemExit(EXIT_INTERRUPTED)
 
 
+def _stdout_closed() -> NoReturn:
+    """The reader of stdout went away (`cifar-run --help | head`): stop quietly, as Unix
+    tools do, instead of a BrokenPipeError traceback. stdout is pointed at /dev/null first,
+    because Python's flush at exit would fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_BROKEN_PIPE)
+
+
 def main() -> None:
     """Entry point of `cifar-run`."""
     set_openmp_defaults()  # before anything imports torch
-    folder_key = preflight(sys.argv[1:])
-    if folder_key is not None:
-        _dry_run_without_folders(folder_key)
-    else:
-        _hydra_main()
+    try:
+        folder_key = preflight(sys.argv[1:])
+        if folder_key is not None:
+            _dry_run_without_folders(folder_key)
+        else:
+            _hydra_main()
+    except BrokenPipeError:  # in Hydra's own printing (--help, --cfg)
+        _stdout_closed()
 
 
 def report_main(argv: list[str] | None = None) -> None:
     """Entry point of `cifar-report`: the sweep summary of any run or sweep folders."""
+    try:
+        _report(argv)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+def _report(argv: list[str] | None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -414,21 +436,24 @@ def report_main(argv: list[str] | None = None) -> None:
     except NoRunsError as exc:
         fail(str(exc), prog="cifar-report")
     summary = summarize(runs)
+    # The files first: a reader that stops early (`cifar-report DIR | head`) still gets them.
+    out = args.out or (args.paths[0] if len(args.paths) == 1 else None)
+    written = []
+    if out is not None:
+        try:
+            written = write_summary(summary, out)
+        except OSError as exc:
+            fail(f"--out {out}: cannot write there ({exc.strerror or exc})", prog="cifar-report")
     print(summary.markdown(), end="", flush=True)
     for line in summary.selection():
         print(f"\n{line}", flush=True)
     seeds = summary.seeds_markdown()
     if seeds is not None:
         print(f"\nMean and standard deviation over seeds:\n\n{seeds}", end="", flush=True)
-    out = args.out or (args.paths[0] if len(args.paths) == 1 else None)
     if out is None:
         print(
             "cifar-report: several folders given; pass --out DIR to write the summary files",
             file=sys.stderr,
         )
         return
-    try:
-        written = write_summary(summary, out)
-    except OSError as exc:
-        fail(f"--out {out}: cannot write there ({exc.strerror or exc})", prog="cifar-report")
     print(f"cifar-report: wrote {', '.join(p.name for p in written)} to {out}", file=sys.stderr)
