@@ -128,6 +128,15 @@ def test_selection_is_made_on_validation_and_reports_its_test_accuracy(tmp_path:
     assert (sweep_dir / "summary.md").read_text().rstrip().endswith(line)
 
 
+def test_selection_says_when_validation_ties(tmp_path: Path) -> None:
+    sweep_dir = make_sweep(tmp_path / "sweep", ["lr=0.01,0.1,1.0"])
+    for num, (lr, val) in enumerate([(0.01, 50.0), (0.1, 55.0), (1.0, 55.0)]):
+        make_run(sweep_dir / f"{num}_lr={lr}", [f"lr={lr}"], 40.0 + num, val_acc=val)
+    (line,) = summarize(load_runs([sweep_dir])).selection()
+    assert line.startswith("selected on validation: lr=0.1 (run 1_lr=0.1): val 55.00%")
+    assert line.endswith("; tied on validation with 1 other(s), the first is named")
+
+
 def test_selection_over_seeds_takes_the_best_mean(seed_sweep: Path) -> None:
     proc = run_report(str(seed_sweep), cwd=seed_sweep.parent)
     assert proc.returncode == 0, proc.stderr

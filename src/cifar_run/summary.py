@@ -278,6 +278,7 @@ class Summary:
                     f"val {row[('best_val_acc', 'mean')]:.2f}% "
                     f"(sd {_sd(row[('best_val_acc', 'std')])}), "
                     f"test {row[('test_acc', 'mean')]:.2f}% (sd {_sd(row[('test_acc', 'std')])})"
+                    + _ties(stats[("best_val_acc", "mean")])
                 )
                 continue
             if len(group) < 2:
@@ -287,8 +288,15 @@ class Summary:
             lines.append(
                 f"selected on validation{kind}: {setting} (run {row['run']}): "
                 f"val {row['best_val_acc']:.2f}%, test {row['test_acc']:.2f}%"
+                + _ties(group["best_val_acc"])
             )
         return lines
+
+
+def _ties(val_accs: pd.Series) -> str:
+    """Say so when the first of the best is not the only one: validation does not decide."""
+    others = int((val_accs == val_accs.max()).sum()) - 1
+    return f"; tied on validation with {others} other(s), the first is named" if others else ""
 
 
 def _setting(pairs: Iterable[tuple[str, Any]]) -> str:
