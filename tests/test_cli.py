@@ -213,3 +213,15 @@ def test_stdout_closed_by_its_reader_ends_quietly(tmp_path: Path, args: list[str
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["lr=0.1,0.2", "dry_run=true", "-m"], ["lr=0.1,0.2", "--multirun", "dry_run=true"]],
+    ids=["last", "between"],
+)
+def test_multirun_flag_anywhere_among_the_overrides(tmp_path: Path, args: list[str]) -> None:
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\nparameters: 62006\n") == 2  # both jobs checked
+    assert not (tmp_path / "outputs").exists()  # a dry run leaves no folders

@@ -391,6 +391,11 @@ def _stdout_closed() -> NoReturn:
 def main() -> None:
     """Entry point of `cifar-run`."""
     set_openmp_defaults()  # before anything imports torch
+    # Hydra's parser takes overrides as one run of positional arguments, so `-m` between
+    # two overrides (or before an override appended below) is an argparse error: put the
+    # flag first, where it means the same.
+    flags = [a for a in sys.argv[1:] if a in _MULTIRUN_FLAGS]
+    sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in _MULTIRUN_FLAGS]
     try:
         folder_key = preflight(sys.argv[1:])
         if folder_key is not None:
