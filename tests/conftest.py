@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig
@@ -65,6 +66,24 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """`cifar-run ARGS` in a subprocess, exactly as a user types it."""
     return _run([sys.executable, "-m", "cifar_run", *args], cwd, env, timeout)
+
+
+def start(command: list[str], cwd: Path, *, stdout: int = subprocess.DEVNULL, **popen: Any):
+    """`command` started in a subprocess (stderr piped, text) for tests that act on it while
+    it runs: kill or interrupt it, close its stdout."""
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=subprocess_env(),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+CLI = [sys.executable, "-m", "cifar_run"]  # `cifar-run` as `start` takes it
+REPORT = [sys.executable, "-c", "from cifar_run.cli import report_main; report_main()"]
 
 
 def run_script(

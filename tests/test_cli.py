@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from cifar_run.models.lenet import LeNet5
 
-from .conftest import TINY, run_cli
+from .conftest import CLI, TINY, run_cli, start
 
 
 def test_dry_run_prints_the_parameter_count(tmp_path: Path) -> None:
@@ -196,19 +197,7 @@ def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:
 )
 def test_stdout_closed_by_its_reader_ends_quietly(tmp_path: Path, args: list[str]) -> None:
     # `cifar-run ... | head`: the reader is gone before anything is written.
-    import subprocess
-    import sys
-
-    from .conftest import subprocess_env
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cifar_run", *args],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([*CLI, *args], tmp_path, stdout=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err

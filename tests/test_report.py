@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ from cifar_run import report
 from cifar_run.cli import CONF_DIR
 from cifar_run.summary import load_runs, summarize
 
-from .conftest import compose_cfg, run_cli, run_report
+from .conftest import REPORT, compose_cfg, run_cli, run_report, start
 from .test_sweep import PNG_MAGIC
 
 
@@ -286,22 +287,10 @@ def test_report000_runs_as_configured(tmp_path: Path) -> None:
 
 
 def test_report_writes_its_files_even_when_stdout_is_closed(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from .conftest import subprocess_env
-
     sweep_dir = make_sweep(tmp_path / "sweep", ["lr=0.01,0.1"])
     for num, lr in enumerate((0.01, 0.1)):
         make_run(sweep_dir / f"{num}_lr={lr}", [f"lr={lr}"], 50.0 + num)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from cifar_run.cli import report_main; report_main()", "sweep"],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([*REPORT, "sweep"], tmp_path, stdout=subprocess.PIPE)
     proc.stdout.close()  # `cifar-report sweep | head`, the reader gone at once
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

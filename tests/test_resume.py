@@ -9,8 +9,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.run import run
 
-from .conftest import TEST_DATA, TINY, compose_cfg, read_results, run_cli, subprocess_env
+from .conftest import CLI, TEST_DATA, TINY, compose_cfg, read_results, run_cli, start
 
 # TINY over three epochs with the augmentation stream in play: 90 training images, 3 steps
 # per epoch at batch size 32, 10 validation images.
@@ -81,20 +79,33 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), f"{a.name}: {key} differs"
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cifar_run", *args],
-        cwd=cwd,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def crash_then_resume(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, at: int
+) -> tuple[Path, Path]:
+    """Run `args` in-process until the `at`-th training forward crashes, resume it from its
+    checkpoint with the CLI, and run it straight through; both must end completed with the
+    same metrics.csv, results and best.pt/last.pt. Returns the two run folders."""
+    crashed, straight = tmp_path / "crashed", tmp_path / "straight"
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
+        m.setattr("cifar_run.run.build_model", lambda cfg: Faulty(at=at, fault="crash"))
+        run(compose_cfg(args), crashed)
+    assert checkpoint.load(checkpoint.state_path(crashed)).epoch >= 1
+    for extra, folder in ((["resume=true"], crashed), ([], straight)):
+        proc = run_cli(*args, *extra, f"hydra.run.dir={folder}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    a, b = read_results(crashed), read_results(straight)
+    assert a["status"] == b["status"] == "completed"
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "final_train_acc"):
+        assert a[key] == b[key], key
+    assert _metric_rows(crashed) == _metric_rows(straight)
+    for name in ("best.pt", "last.pt"):
+        _assert_same_weights(crashed / "checkpoints" / name, straight / "checkpoints" / name)
+    return crashed, straight
 
 
 def _kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> bool:
     """Start a run, SIGKILL it as soon as its first checkpoint exists; False if it completed."""
-    proc = _start([*args, f"hydra.run.dir={run_dir}"], cwd)
+    proc = start([*CLI, *args, f"hydra.run.dir={run_dir}"], cwd)
     state = checkpoint.state_path(run_dir)
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -147,13 +158,9 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_completes(
     run_dir = tmp_path / "run"
     for epochs in (50, 400, 3000):  # the interrupt must land before the run ends
         args = [*TINY, f"epochs={epochs}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar_run", *args, f"hydra.run.dir={run_dir}"],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        proc = start(
+            [*CLI, *args, f"hydra.run.dir={run_dir}"],
+            tmp_path,
             # A background shell (CI) may ignore SIGINT; a terminal's Ctrl-C is delivered.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
