@@ -429,7 +429,10 @@ def test_keys_added_later_at_their_defaults_do_not_set_old_runs_apart() -> None:
     old = {k: v for k, v in snapshot.items() if not k.startswith(added)}
     assert len(old) < len(snapshot)
     assert checkpoint.config_diff(old, compose_cfg(TINY)) == []
+    # The hash (prune_state.pt's check) agrees with the diff.
+    assert checkpoint.config_hash(old) == checkpoint.config_hash(compose_cfg(TINY))
     other = compose_cfg([*TINY, "optim.decay_norm_and_bias=false", "ema=0.9"])
+    assert checkpoint.config_hash(old) != checkpoint.config_hash(other)
     assert checkpoint.config_diff(old, other) == [
         "ema: <absent> -> 0.9",
         "optim.decay_norm_and_bias: <absent> -> False",

@@ -111,14 +111,23 @@ def config_snapshot(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(_flatten(container).items()) if not _ignored(k)}
 
 
-def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    text = json.dumps(config_snapshot(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # Keys added after runs were written whose default is not null, at that default: it changes
 # nothing, so a saved config without the key and a current one with it compare as equal.
 LATER_DEFAULTS = {"mix.name": "none", "optim.decay_norm_and_bias": True}
+
+
+def _as_if_absent(key: str, value: Any) -> bool:
+    """A null, or a later key at its default: the same as a config without the key."""
+    return value is None or (key in LATER_DEFAULTS and LATER_DEFAULTS[key] == value)
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """A hash of what config_diff compares: equal hashes for configs it finds no difference
+    in (e.g. the prune_state.pt of a run written before a key was added)."""
+    kept = {k: v for k, v in config_snapshot(cfg).items() if not _as_if_absent(k, v)}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 # Keys naming a folder or file, relative to the working directory of the command that set them.
 PATH_KEYS = ("data.root", "ckpt_path")
@@ -145,9 +154,9 @@ def config_diff(
             if isinstance(was, str) and isinstance(now, str):
                 if _folder(was, saved_cwd) == _folder(now, os.getcwd()):
                     old[key] = now
-    for key, default in LATER_DEFAULTS.items():
-        for snapshot in (old, new):
-            if snapshot.get(key) == default:
+    for snapshot in (old, new):
+        for key in [k for k in LATER_DEFAULTS if k in snapshot]:
+            if _as_if_absent(key, snapshot[key]):
                 del snapshot[key]
     absent = "<absent>"
     return [
