@@ -344,7 +344,7 @@ def _train(
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 step_scheduler=schedule.step_batch,
                 after_step=None if ema is None else partial(ema.update_parameters, model),
-                eval_model=None if ema is None else ema.module,
+                eval_model=evaluated,
             )
         except NonFiniteLoss as exc:
             raise _diverged(exc, epoch, len(train_batches), loop, out_dir) from None
