@@ -140,7 +140,7 @@ class StageData:
             grad_clip=self.grad_clip,
             after_step=after_step,
         )
-        return train, self.evaluate(eval_model or model, self.val)
+        return train, self.evaluate(model if eval_model is None else eval_model, self.val)
 
 
 def epoch_metrics(train: EpochStats, val: EpochStats) -> dict[str, float]:
