@@ -94,6 +94,10 @@ def test_a_stage_stopped_in_fine_tuning_resumes_where_it_stopped(
     remaining = FORWARDS - STEPS_PER_EPOCH * (1 + 3 * (step - 1) + epochs_done)
     assert counting.calls == remaining
 
+    _assert_same_stage(resumed, run_dir, straight)
+
+
+def _assert_same_stage(resumed: dict, run_dir: Path, straight: Path) -> None:
     expected = read_results(straight)
     for key in ("test_acc", "pruned_val_acc", "pruned_test_acc", "finetuned_val_acc"):
         assert resumed[key] == expected[key], key
@@ -104,6 +108,23 @@ def test_a_stage_stopped_in_fine_tuning_resumes_where_it_stopped(
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert read_results(run_dir)["status"] == "completed"
     assert not checkpoint.stage_path(run_dir).exists()  # a completed run no longer needs it
+
+
+def test_fine_tuning_with_ema_resumes_its_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped in step 2's second fine-tuning epoch: the average of that fine-tuning comes
+    # back with the resume point, so validation and the kept weights match a straight run.
+    args = [*STAGED, "ema=0.5"]
+    straight = tmp_path / "straight"
+    run(compose_cfg(args), straight)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run_with(12 + 5, run_dir, args, monkeypatch)
+    point = torch.load(checkpoint.stage_path(run_dir), weights_only=True)
+    assert point["step"] == 2 and point["finetune"]["ema"] is not None
+    resumed, _ = _run_with(-1, run_dir, [*args, "resume=true"], monkeypatch)
+    _assert_same_stage(resumed, run_dir, straight)
 
 
 def test_a_completed_stage_leaves_no_resume_point(straight: Path) -> None:

@@ -13,7 +13,7 @@ from torch.nn.utils import prune as torch_prune
 
 from cifar_run import prune_stage
 from cifar_run.models.lenet import LeNet5
-from cifar_run.pruning import PruningSettings
+from cifar_run.pruning import PruningSettings, prune_copy
 from cifar_run.report import RESULT_COLUMNS
 
 CPU = torch.device("cpu")
@@ -95,6 +95,41 @@ def test_iterative_with_finetuning_keeps_masks_and_reports_both(tmp_path: Path) 
     state = torch.load(tmp_path / "checkpoints" / "pruned.pt", weights_only=True)
     weights = [v for k, v in state.items() if k.endswith("weight")]
     assert sum(int((w == 0).sum()) for w in weights) == zeros
+
+
+def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=["one-shot", "iterative"])
+@pytest.mark.parametrize("ema", [0.999999999, None], ids=["ema", "no-ema"])
+def test_finetuning_with_ema_validates_and_keeps_the_average(
+    tmp_path: Path, steps: int, ema: float | None
+) -> None:
+    # A decay this close to 1 holds the average at the pruned starting weights while SGD at
+    # a high rate moves the model: the kept weights tell which of the two was kept. With two
+    # steps, step 1's average must be what step 2 prunes further (global L1 over weights
+    # that did not move prunes what one shot would).
+    model = lenet()
+    start = prune_stage._cpu_state(prune_copy(model, 0.5))
+    settings = PruningSettings(amount=0.5, steps=steps, finetune_epochs=2)
+    prune_stage.run_pruning(
+        model,
+        settings,
+        stage_data(),
+        sgd,
+        total_params=PARAMS,
+        finetune_lr=0.5,
+        out_dir=tmp_path,
+        ema=ema,
+    )
+    kept = torch.load(tmp_path / "checkpoints" / "pruned.pt", weights_only=True)
+    zeros = sum(int((v == 0).sum()) for k, v in kept.items() if k.endswith("weight"))
+    assert zeros >= round(0.5 * PRUNABLE)
+    if ema is None:
+        assert _largest_change(kept, start) > 1e-2
+    else:
+        assert _largest_change(kept, start) < 1e-6
 
 
 @pytest.mark.parametrize(("autocast", "scaled"), [(torch.float16, True), (None, False)])

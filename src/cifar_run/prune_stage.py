@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,16 @@ from torch import nn
 
 from cifar_run import atomic, report
 from cifar_run.accel import loss_scaler
+from cifar_run.ema import weight_average
 from cifar_run.engine import Batches, EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
+    ParamList,
     PruningSettings,
     apply_global_l1,
     attach_masks,
     checkpoint_sizes,
+    detach_masked_weights,
     fully_pruned_layers,
     global_sparsity,
     make_permanent,
@@ -237,7 +241,9 @@ def _finetune(
     steps: int,
     sparsity: float,
     keep_best: bool,
+    params: ParamList,
     early_stop: int | None = None,
+    ema: float | None = None,
     resume: Mapping[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
@@ -248,11 +254,21 @@ def _finetune(
     the epoch with the best validation accuracy is kept, as in training, and `early_stop`
     ends the fine-tuning once that epoch is `early_stop` epochs old.
 
+    With `ema` (the run's decay) a moving average of the weights, started from the pruned
+    weights, is what is validated and kept, as in training; `model` ends with its weights.
+    The average copies the masks (`params`, the pruned parameters) with the weights, so its
+    pruned weights stay 0 too.
+
     After every epoch `save` gets what `resume` takes to continue after it (this step's rows,
-    optimizer, scaler, best epoch so far).
+    optimizer, scaler, average, best epoch so far).
     """
     optimizer = make_optimizer(model.parameters(), lr)
     scaler = loss_scaler(data.autocast, data.device)  # fp16 needs it here as in training
+    average = None
+    if ema is not None:
+        detach_masked_weights(params)
+        average = weight_average(model, ema)
+    evaluated = model if average is None else average.module
     history: list[dict[str, Any]] = []
     best_acc, best_state, best_epoch = -math.inf, None, 0
     first = 1
@@ -264,6 +280,8 @@ def _finetune(
         best = resume["best"]
         best_acc, best_epoch, best_state = float(best["acc"]), int(best["epoch"]), best["state"]
         first = int(resume["epoch"]) + 1
+        if average is not None and resume.get("ema") is not None:
+            average.load_state_dict(resume["ema"])
     for epoch in range(first, epochs + 1):
         if keep_best and early_stop is not None and epoch - 1 - best_epoch >= early_stop:
             log.info(
@@ -278,7 +296,14 @@ def _finetune(
         t0 = time.perf_counter()
         desc = f"fine-tune {epoch}/{epochs}" + (f" (step {step}/{steps})" if steps > 1 else "")
         try:
-            train, val = data.train_epoch(model, optimizer, scaler=scaler, desc=desc)
+            train, val = data.train_epoch(
+                model,
+                optimizer,
+                scaler=scaler,
+                desc=desc,
+                after_step=None if average is None else partial(average.update_parameters, model),
+                eval_model=evaluated,
+            )
         except NonFiniteLoss as exc:
             raise TrainingDiverged(
                 f"fine-tuning diverged: loss {exc.loss} at pruning step {step}/{steps}, "
@@ -306,7 +331,7 @@ def _finetune(
             val.acc,
         )
         if keep_best and (not data.has_val or val.acc > best_acc):
-            best_acc, best_state, best_epoch = val.acc, _cpu_state(model), epoch
+            best_acc, best_state, best_epoch = val.acc, _cpu_state(evaluated), epoch
         if save is not None:
             save(
                 {
@@ -314,12 +339,15 @@ def _finetune(
                     "rows": history,
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": None if average is None else average.state_dict(),
                     "best": {"acc": best_acc, "epoch": best_epoch, "state": best_state},
                 }
             )
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)  # same keys: weight_orig and weight_mask
         return history, best_acc
+    if average is not None:  # the next pruning step starts from the weights validated
+        model.load_state_dict(average.module.state_dict())
     return history, history[-1]["val_acc"] if history else math.nan
 
 
@@ -332,6 +360,7 @@ def run_pruning(
     total_params: int,
     finetune_lr: float,
     out_dir: Path | None,
+    ema: float | None = None,
     save: StageSaver | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -340,7 +369,8 @@ def run_pruning(
     Iterative pruning (`steps` > 1) prunes to prune*k/steps at step k and fine-tunes
     `finetune_epochs` after every step. `pruned_*` accuracies are measured right after the
     last pruning step (for steps=1: the one-shot pruned model), `finetuned_*` after the
-    fine-tuning that follows it.
+    fine-tuning that follows it. With `ema`, each fine-tuning keeps a moving average of the
+    weights from its start and validates and keeps that (see `_finetune`).
 
     `save` receives the stage's resume point after each evaluated pruning step and each
     fine-tuning epoch; `resume` (one of those payloads) continues from there with the same
@@ -416,6 +446,8 @@ def run_pruning(
                 sparsity=sparsity,
                 keep_best=last,
                 early_stop=settings.early_stop,
+                ema=ema,
+                params=params,
                 resume=finetune_resume,
                 save=lambda finetune, step=step: checkpoint(step, finetune),
             )

@@ -91,6 +91,18 @@ def effective_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return (getattr(module, name + "_orig") * mask).detach()
 
 
+def detach_masked_weights(params: ParamList) -> None:
+    """Recompute each masked ``weight`` attribute (``orig * mask``) outside autograd.
+
+    The attribute torch's pruning derives with autograd is not a graph leaf, and
+    ``copy.deepcopy`` (e.g. a weight average's copy of the model) refuses non-leaf tensors;
+    the next forward pass derives it with autograd again."""
+    with torch.no_grad():
+        for module, name in params:
+            if getattr(module, name + "_mask", None) is not None:
+                setattr(module, name, effective_weight(module, name))
+
+
 def _masked_count(params: ParamList) -> int:
     """Weights already removed by an attached mask (0 for unpruned parameters)."""
     total = 0

@@ -464,6 +464,7 @@ def _train(
                 total_params=params,
                 finetune_lr=settings.resolved_finetune_lr(cfg.lr),
                 out_dir=out_dir,
+                ema=cfg.get("ema"),
                 save=save_stage,
                 resume=stage_resume,
             )
