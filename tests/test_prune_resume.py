@@ -142,3 +142,25 @@ def test_a_corrupt_stage_checkpoint_is_one_line_naming_the_file(
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"prune_state\.pt: cannot read the checkpoint"):
         run(compose_cfg([*STAGED, "resume=true"]), run_dir)
+
+
+def test_a_resumed_stage_takes_the_curve_it_had_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The curve's amounts were evaluated before the stage began; a resume in fine-tuning
+    # reports those rows rather than evaluating them again.
+    args = [*STAGED, "pruning.curve=[0.3,0.9]"]
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run_with(12 + 5, run_dir, args, monkeypatch)
+    with open(run_dir / "curve.csv", newline="") as f:
+        before = [float(r["test_acc"]) for r in csv.DictReader(f)]
+
+    def no_curve(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the curve was evaluated again")
+
+    monkeypatch.setattr("cifar_run.prune_stage.run_curve", no_curve)
+    resumed, _ = _run_with(-1, run_dir, [*args, "resume=true"], monkeypatch)
+    assert [r["amount"] for r in resumed["curve"]] == [0.0, 0.3, 0.9]
+    assert [r["test_acc"] for r in resumed["curve"]] == pytest.approx(before)
+    assert read_results(run_dir)["curve"] == resumed["curve"]

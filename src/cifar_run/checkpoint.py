@@ -267,11 +267,14 @@ def save_stage(
     *,
     generators: Mapping[str, torch.Generator],
     cfg: DictConfig,
+    curve: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write the pruning stage's resume point atomically, with every random state (the
-    fine-tuning draws from the same streams as training)."""
+    fine-tuning draws from the same streams as training) and the `pruning.curve` rows
+    computed before the stage, which a resume then takes instead of evaluating again."""
     full = {
         **payload,
+        "curve": curve,
         "format": FORMAT,
         "rng": rng_state(generators),
         "config_hash": config_hash(cfg),

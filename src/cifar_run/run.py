@@ -436,25 +436,33 @@ def _train(
     # The pruning stage starts from the weights just tested (the best epoch's) and keeps its
     # own resume point (checkpoint.STAGE_FILE), as training keeps state.pt.
     params = count_parameters(model)
+    stage_resume = None
+    if settings.enabled and out_dir is not None and resume_from is not None:
+        stage_resume = checkpoint.load_stage(out_dir, cfg, generators)
+    curve = None
     if settings.curve:
-        curve = prune_stage.run_curve(
-            model,
-            settings,
-            stage_data,
-            total_params=params,
-            dense_val_acc=best_acc,
-            dense_test_acc=test.acc,
-        )
+        # A stage's resume point exists only once the curve was done: it carries the rows.
+        if stage_resume is not None and stage_resume.get("curve") is not None:
+            curve = stage_resume["curve"]
+        else:
+            curve = prune_stage.run_curve(
+                model,
+                settings,
+                stage_data,
+                total_params=params,
+                dense_val_acc=best_acc,
+                dense_test_acc=test.acc,
+            )
         results["curve"] = curve
         if out_dir is not None:
             report.write_csv(out_dir / "curve.csv", curve, prune_stage.CURVE_COLUMNS)
             report.plot_sparsity(out_dir, curve, title=str(cfg.model.name))
     if settings.enabled:
-        save_stage, stage_resume = None, None
+        save_stage = None
         if out_dir is not None:
-            save_stage = partial(checkpoint.save_stage, out_dir, generators=generators, cfg=cfg)
-            if resume_from is not None:
-                stage_resume = checkpoint.load_stage(out_dir, cfg, generators)
+            save_stage = partial(
+                checkpoint.save_stage, out_dir, generators=generators, cfg=cfg, curve=curve
+            )
         results.update(
             prune_stage.run_pruning(
                 model,
