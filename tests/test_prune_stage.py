@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from cifar_run import prune_stage
+from cifar_run import checkpoint, prune_stage
 from cifar_run.models.lenet import LeNet5
 from cifar_run.pruning import PruningSettings, prune_copy
 from cifar_run.report import RESULT_COLUMNS
@@ -111,7 +111,7 @@ def test_finetuning_with_ema_validates_and_keeps_the_average(
     # steps, step 1's average must be what step 2 prunes further (global L1 over weights
     # that did not move prunes what one shot would).
     model = lenet()
-    start = prune_stage._cpu_state(prune_copy(model, 0.5))
+    start = checkpoint.cpu_state(prune_copy(model, 0.5))
     settings = PruningSettings(amount=0.5, steps=steps, finetune_epochs=2)
     prune_stage.run_pruning(
         model,

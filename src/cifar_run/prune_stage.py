@@ -26,6 +26,7 @@ from torch import nn
 
 from cifar_run import atomic, report
 from cifar_run.accel import loss_scaler
+from cifar_run.checkpoint import cpu_state
 from cifar_run.ema import weight_average
 from cifar_run.engine import Batches, EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged
@@ -155,10 +156,6 @@ def epoch_metrics(train: EpochStats, val: EpochStats) -> dict[str, float]:
         "val_loss": val.loss,
         "val_acc": val.acc,
     }
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _counts(model: nn.Module, params: list[tuple[nn.Module, str]], total_params: int) -> dict:
@@ -331,7 +328,7 @@ def _finetune(
             val.acc,
         )
         if keep_best and (not data.has_val or val.acc > best_acc):
-            best_acc, best_state, best_epoch = val.acc, _cpu_state(evaluated), epoch
+            best_acc, best_state, best_epoch = val.acc, cpu_state(evaluated), epoch
         if save is not None:
             save(
                 {
@@ -377,7 +374,7 @@ def run_pruning(
     numbers as a stage that was never interrupted.
     """
     t_stage = time.perf_counter()
-    dense_state = _cpu_state(model)
+    dense_state = cpu_state(model)
     params = prunable_parameters(model, settings.include_classifier)
     dense = _counts(model, params, total_params)
     dense_size = checkpoint_sizes(dense_state)
@@ -399,7 +396,7 @@ def run_pruning(
             save(
                 {
                     "step": step,
-                    "model": _cpu_state(model),
+                    "model": cpu_state(model),
                     "history": history,
                     "results": results,
                     "finetune": finetune,
@@ -463,7 +460,7 @@ def run_pruning(
     pruned = _counts(model, params, total_params)
     full = fully_pruned_layers(pruned["rows"])
     _warn_fully_pruned(full, f"prune={settings.amount:g}")
-    pruned_state = _cpu_state(model)
+    pruned_state = cpu_state(model)
     pruned_size = checkpoint_sizes(pruned_state)
     log.info(
         "pruned model: sparsity %.4f, %d of %d parameters non-zero (%.2fx); "
