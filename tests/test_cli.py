@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
+import platform
 import re
 import subprocess
 from pathlib import Path
@@ -11,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import cifar_run
 from cifar_run.models.lenet import LeNet5
 
-from .conftest import CLI, TINY, run_cli, start
+from .conftest import CLI, TINY, run_cli, run_report, start
 
 
 def test_dry_run_prints_the_parameter_count(tmp_path: Path) -> None:
@@ -62,6 +65,10 @@ def test_tiny_run_writes_every_file_of_the_run_folder(tmp_path: Path) -> None:
     ):
         assert key in results, key
     assert results["params"] == 62006 and results["epochs"] == 2 and results["device"] == "cpu"
+    env = results["environment"]  # what the numbers depend on besides the config
+    assert env["torch"] == torch.__version__ and env["cifar_run"] == cifar_run.__version__
+    assert env["python"] == platform.python_version() and env["gpu"] is None
+    assert env["torchvision"] and env["hydra"] and env["cpu"]
     assert 0 <= results["test_acc"] <= 100 and results["best_epoch"] in (1, 2)
 
     lines = (run_dir / "metrics.csv").read_text().splitlines()
@@ -190,6 +197,17 @@ def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:
             assert f"\n{group}: {', '.join(sorted(options))}\n" in out, group
     assert "\nbatch_size: 64\n" in out  # the composed config follows
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("prog", ["cifar-run", "cifar-report"])
+def test_version_names_the_package_and_what_it_runs_on(tmp_path: Path, prog: str) -> None:
+    proc = (run_cli if prog == "cifar-run" else run_report)("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"{prog} {cifar_run.__version__} (torch {torch.__version__}, torchvision "
+        f"{importlib.metadata.version('torchvision')}, hydra-core "
+        f"{importlib.metadata.version('hydra-core')}, Python {platform.python_version()})\n"
+    )
 
 
 @pytest.mark.parametrize(

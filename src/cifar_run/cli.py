@@ -396,6 +396,9 @@ def main() -> None:
     # flag first, where it means the same.
     flags = [a for a in sys.argv[1:] if a in _MULTIRUN_FLAGS]
     sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in _MULTIRUN_FLAGS]
+    if "--version" in sys.argv[1:]:  # Hydra's own flag would print only Hydra's version
+        print(version_line("cifar-run"))
+        return
     try:
         folder_key = preflight(sys.argv[1:])
         if folder_key is not None:
@@ -404,6 +407,19 @@ def main() -> None:
             _hydra_main()
     except BrokenPipeError:  # in Hydra's own printing (--help, --cfg)
         _stdout_closed()
+
+
+def version_line(prog: str) -> str:
+    """`PROG --version`: this package's version and the versions its numbers depend on."""
+    import torch
+
+    from cifar_run.reproducibility import environment
+
+    env = environment(torch.device("cpu"))
+    return (
+        f"{prog} {env['cifar_run']} (torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"hydra-core {env['hydra']}, Python {env['python']})"
+    )
 
 
 def report_main(argv: list[str] | None = None) -> None:
@@ -417,6 +433,9 @@ def report_main(argv: list[str] | None = None) -> None:
 def _report(argv: list[str] | None) -> None:
     import argparse
 
+    if "--version" in (sys.argv[1:] if argv is None else argv):  # before PATH is required
+        print(version_line("cifar-report"))
+        return
     parser = argparse.ArgumentParser(
         prog="cifar-report",
         description="Tabulate and plot run folders: prints the Markdown table and writes "
@@ -425,6 +444,7 @@ def _report(argv: list[str] | None) -> None:
     parser.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="run or sweep folders (or parents)"
     )
+    parser.add_argument("--version", action="store_true", help="print the versions and exit")
     parser.add_argument(
         "--out",
         type=Path,

@@ -6,7 +6,9 @@ The states are tensors, ints, floats and None only, so a checkpoint holding them
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -80,3 +82,38 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     for name, g in generators.items():
         g.set_state(state["generators"][name])
+
+
+def environment(device: torch.device) -> dict[str, str | None]:
+    """The software and hardware a run ran on (results.json's `environment`): the same
+    seed gives the same numbers only with the same versions, and timings are the machine's."""
+    from cifar_run import __version__
+
+    return {
+        "cifar_run": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _installed_version("torchvision"),
+        "hydra": _installed_version("hydra-core"),
+        "cpu": _cpu_name(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty or just the architecture on Linux; cpuinfo names the model.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

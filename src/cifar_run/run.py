@@ -34,7 +34,7 @@ from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.pruning_config import PruningSettings, validate_pruning
-from cifar_run.reproducibility import set_deterministic
+from cifar_run.reproducibility import environment, set_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "subset": cfg.data.subset,
         "prune": float(cfg.prune),
         "ckpt_path": _ckpt_path(cfg),
+        "environment": environment(device),
     }
 
 
