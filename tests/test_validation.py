@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from cifar_run.config import MAX_SEED, validate
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
-from .conftest import TEST_DATA, TINY, compose_cfg, run_cli
+from .conftest import TEST_DATA, TINY, compose_cfg, run_cli, subprocess_env
 
 BAD_VALUES = [
     # (override, what the one-line message must contain)
@@ -122,3 +124,28 @@ def test_structural_mistakes_through_the_cli(tmp_path: Path, override: str, name
     assert len(lines) == 1 and named in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.parametrize("bad", ["prune=1", "lr=-1", "optim.momentum=2"])
+def test_bad_input_fails_before_torch_is_imported(bad: str, tmp_path: Path) -> None:
+    # The checks run before the ~3 s import of torch, so a mistake is reported at once,
+    # also with an image folder (whose train images are counted for the split sizes).
+    code = (
+        "import sys\n"
+        "from cifar_run.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'torch' in sys.modules)\n"
+    )
+    args = ["data=imagefolder", f"data.root={TEST_DATA}", "data.val_size=0.1", bad]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
+    assert proc.stdout == "exit 2 False\n", proc.stderr
+    assert proc.stderr.startswith(f"cifar-run: error: {bad}"), proc.stderr

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_run.constants import MIX_MODES, PRECISIONS, TTA_MODES
+from cifar_run.constants import IMAGE_SUFFIXES, MIX_MODES, PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
 from cifar_run.pruning_config import PruningSettings, validate_pruning
 
@@ -110,8 +110,6 @@ def check_device(value: Any) -> None:
 
 def _imagefolder_train_images(root: Path) -> int:
     """Images under root/train/<class>/: a directory listing, nothing is decoded."""
-    from cifar_run.data import IMAGE_SUFFIXES
-
     return sum(
         1
         for d in os.scandir(root / "train")

@@ -24,6 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGE_SHAPE = (3, 32, 32)
+# Files an image folder's class folders hold (data=imagefolder); others are ignored.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.accel).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from cifar_run import atomic
-from cifar_run.constants import IMAGE_SHAPE
+from cifar_run.constants import IMAGE_SHAPE, IMAGE_SUFFIXES
 from cifar_run.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CACHE_VERSION = 1
 
 
