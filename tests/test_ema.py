@@ -10,7 +10,7 @@ from torch import nn
 
 from cifar_run import checkpoint
 from cifar_run.config import validate
-from cifar_run.ema import averaged_weights, weight_average
+from cifar_run.ema import averaged_weights, step_function, weight_average
 from cifar_run.errors import UserError
 from cifar_run.models import build_model
 from cifar_run.run import run, seed_everything
@@ -32,6 +32,26 @@ def test_average_follows_the_decay_from_the_starting_weights() -> None:
     ema.update_parameters(model)
     torch.testing.assert_close(ema.module.weight, 0.75 * w0 + 0.25 * (w0 + 4.0))
     assert set(averaged_weights(ema.state_dict())) == set(model.state_dict())
+
+
+def test_step_function_computes_what_averaged_model_computes() -> None:
+    # ResNet-20 has BatchNorm buffers, its batch counters integers: both paths, bit for bit.
+    torch.manual_seed(0)
+    model = build_model(compose_cfg(["model=resnet20"]).model)
+    theirs, ours = weight_average(model, 0.9), weight_average(model, 0.9)
+    step = step_function(ours, model, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.add_(torch.randn_like(tensor) if tensor.is_floating_point() else 7)
+        theirs.update_parameters(model)
+        step()
+    expected = theirs.state_dict()
+    assert int(expected["n_averaged"]) == 4
+    assert expected.keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert not torch.equal(expected["module.fc.weight"], model.fc.weight)
 
 
 def test_runs_evaluate_and_keep_the_average_not_the_trained_weights(tmp_path: Path) -> None:

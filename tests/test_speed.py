@@ -283,3 +283,16 @@ def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Pa
     ops = re.findall(r"^ +([\d.]+) ms/step +([\d.]+)x +(\S+)", proc.stdout, re.M)
     assert len(ops) == 3, proc.stdout  # --top 3
     assert [float(t) for t, _, _ in ops] == sorted((float(t) for t, _, _ in ops), reverse=True)
+
+
+def test_ema_bench_times_both_updates_and_finds_them_identical(tmp_path: Path) -> None:
+    args = ("--models", "lenet5", "--rounds", "2", "--calls", "3")
+    proc = run_script("bench_ema.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(
+        r"^lenet5 \(62,006 parameters, cpu\): AveragedModel.update_parameters ([\d.]+) ms, "
+        r"ema.step_function ([\d.]+) ms per update .*identical averages: True$",
+        proc.stdout,
+        re.M,
+    )
+    assert found and float(found[1]) > 0 and float(found[2]) > 0, proc.stdout

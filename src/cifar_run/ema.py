@@ -9,6 +9,10 @@ the first step instead).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -22,6 +26,41 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     average.update_parameters(model)  # counts the starting weights as the first average
     return average
+
+
+def step_function(average: AveragedModel, model: nn.Module, decay: float) -> Callable[[], None]:
+    """`average.update_parameters(model)` for an average `weight_average(model, decay)` made,
+    with the tensors paired once instead of on every step.
+
+    The arithmetic is get_ema_multi_avg_fn's (one foreach lerp over the floating-point
+    tensors, `decay * average + (1 - decay) * weights` for integer buffers such as
+    BatchNorm's batch counter), so the results are identical; what goes is AveragedModel's
+    per-step pairing and grouping of every tensor in Python (LeNet-5 on the CPU: 0.28 ->
+    0.07 ms per step, next to a 7 ms training step; scripts/bench_ema.py). The pairs hold the
+    tensors themselves,
+    which optimizers and load_state_dict update in place; build it again after replacing one.
+    """
+    pairs = [
+        (a.detach(), m.detach())
+        for a, m in zip(
+            itertools.chain(average.module.parameters(), average.module.buffers()),
+            itertools.chain(model.parameters(), model.buffers()),
+            strict=True,
+        )
+    ]
+    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+    averaged, current = [a for a, _ in floats], [m for _, m in floats]
+    others = [(a, m) for a, m in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def step() -> None:
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        for a, m in others:
+            a.copy_(a * decay + m * (1 - decay))
+        average.n_averaged += 1
+
+    return step
 
 
 def averaged_weights(state: dict) -> dict:

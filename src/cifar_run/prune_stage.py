@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 from cifar_run import atomic, report
 from cifar_run.accel import loss_scaler
 from cifar_run.checkpoint import cpu_state
-from cifar_run.ema import weight_average
+from cifar_run.ema import step_function, weight_average
 from cifar_run.engine import Batches, EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from cifar_run.errors import TrainingDiverged
 from cifar_run.pruning import (
@@ -298,7 +297,7 @@ def _finetune(
                 optimizer,
                 scaler=scaler,
                 desc=desc,
-                after_step=None if average is None else partial(average.update_parameters, model),
+                after_step=None if average is None else step_function(average, model, ema),
                 eval_model=evaluated,
             )
         except NonFiniteLoss as exc:

@@ -24,7 +24,7 @@ from cifar_run.augment import build_augment, grid_png, normalization, preview_pn
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
 from cifar_run.data import Splits, load_data
-from cifar_run.ema import weight_average
+from cifar_run.ema import step_function, weight_average
 from cifar_run.engine import NonFiniteLoss
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.loader import DeviceLoader
@@ -344,7 +344,7 @@ def _train(
                 scaler=scaler,
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 step_scheduler=schedule.step_batch,
-                after_step=None if ema is None else partial(ema.update_parameters, model),
+                after_step=None if ema is None else step_function(ema, model, cfg.ema),
                 eval_model=evaluated,
             )
         except NonFiniteLoss as exc:
