@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,12 +94,21 @@ def run_script(
     return _run([sys.executable, str(REPO / "scripts" / name), *args], cwd, env, timeout)
 
 
+def run_code(code: str, *args: str, cwd: Path, timeout: float = 120):
+    """`python -c CODE ARGS` in a subprocess, with this checkout's src/ first on the path."""
+    return _run([sys.executable, "-c", code, *args], cwd, None, timeout)
+
+
 def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`cifar-report ARGS` in a subprocess."""
-    code = "from cifar_run.cli import report_main; report_main()"
-    return _run([sys.executable, "-c", code, *args], cwd, None, 120)
+    return run_code("from cifar_run.cli import report_main; report_main()", *args, cwd=cwd)
 
 
 def read_results(folder: Path) -> dict:
     """The results.json of a run or sweep job folder."""
     return json.loads((folder / "results.json").read_text())
+
+
+def largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

@@ -15,12 +15,8 @@ from cifar_run.errors import UserError
 from cifar_run.models import build_model
 from cifar_run.run import run, seed_everything
 
-from .conftest import TINY, compose_cfg, read_results, run_cli
+from .conftest import TINY, compose_cfg, largest_change, read_results, run_cli
 from .test_resume import crash_then_resume
-
-
-def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def test_average_follows_the_decay_from_the_starting_weights() -> None:
@@ -65,9 +61,9 @@ def test_runs_evaluate_and_keep_the_average_not_the_trained_weights(tmp_path: Pa
     assert read_results(tmp_path)["ema"] == pytest.approx(0.999999999)
     for name in ("best.pt", "last.pt"):
         kept = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
-        assert _largest_change(kept, start) < 1e-6, name
+        assert largest_change(kept, start) < 1e-6, name
     state = checkpoint.load(checkpoint.state_path(tmp_path))
-    assert _largest_change(state.data["model"], start) > 1e-2  # the trained weights moved
+    assert largest_change(state.data["model"], start) > 1e-2  # the trained weights moved
 
 
 def test_average_run_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

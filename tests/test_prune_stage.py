@@ -16,6 +16,8 @@ from cifar_run.models.lenet import LeNet5
 from cifar_run.pruning import PruningSettings, prune_copy
 from cifar_run.report import RESULT_COLUMNS
 
+from .conftest import largest_change
+
 CPU = torch.device("cpu")
 PRUNABLE = 61770  # Conv2d/Linear weights of LeNet-5
 PARAMS = 62006
@@ -97,10 +99,6 @@ def test_iterative_with_finetuning_keeps_masks_and_reports_both(tmp_path: Path) 
     assert sum(int((w == 0).sum()) for w in weights) == zeros
 
 
-def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 @pytest.mark.parametrize("steps", [1, 2], ids=["one-shot", "iterative"])
 @pytest.mark.parametrize("ema", [0.999999999, None], ids=["ema", "no-ema"])
 def test_finetuning_with_ema_validates_and_keeps_the_average(
@@ -127,9 +125,9 @@ def test_finetuning_with_ema_validates_and_keeps_the_average(
     zeros = sum(int((v == 0).sum()) for k, v in kept.items() if k.endswith("weight"))
     assert zeros >= round(0.5 * PRUNABLE)
     if ema is None:
-        assert _largest_change(kept, start) > 1e-2
+        assert largest_change(kept, start) > 1e-2
     else:
-        assert _largest_change(kept, start) < 1e-6
+        assert largest_change(kept, start) < 1e-6
 
 
 @pytest.mark.parametrize(("autocast", "scaled"), [(torch.float16, True), (None, False)])

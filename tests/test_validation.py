@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from cifar_run.config import MAX_SEED, validate
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
-from .conftest import TEST_DATA, TINY, compose_cfg, run_cli, subprocess_env
+from .conftest import TEST_DATA, TINY, compose_cfg, run_cli, run_code
 
 BAD_VALUES = [
     # (override, what the one-line message must contain)
@@ -139,13 +137,6 @@ def test_bad_input_fails_before_torch_is_imported(bad: str, tmp_path: Path) -> N
         "    print('exit', exc.code, 'torch' in sys.modules)\n"
     )
     args = ["data=imagefolder", f"data.root={TEST_DATA}", "data.val_size=0.1", bad]
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-        cwd=tmp_path,
-    )
+    proc = run_code(code, *args, cwd=tmp_path)
     assert proc.stdout == "exit 2 False\n", proc.stderr
     assert proc.stderr.startswith(f"cifar-run: error: {bad}"), proc.stderr
