@@ -444,6 +444,7 @@ def _report(argv: list[str] | None) -> None:
     parser.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="run or sweep folders (or parents)"
     )
+    # Handled above, before PATH is required; declared so that --help lists it.
     parser.add_argument("--version", action="store_true", help="print the versions and exit")
     parser.add_argument(
         "--out",

@@ -37,8 +37,8 @@ def step_function(average: AveragedModel, model: nn.Module, decay: float) -> Cal
     BatchNorm's batch counter), so the results are identical; what goes is AveragedModel's
     per-step pairing and grouping of every tensor in Python (LeNet-5 on the CPU: 0.28 ->
     0.07 ms per step, next to a 7 ms training step; scripts/bench_ema.py). The pairs hold the
-    tensors themselves,
-    which optimizers and load_state_dict update in place; build it again after replacing one.
+    tensors themselves, which optimizers and load_state_dict update in place; build it again
+    after replacing one.
     """
     pairs = [
         (a.detach(), m.detach())
