@@ -1,11 +1,14 @@
-"""Training steps of one model in NCHW and channels_last batches, in interleaved rounds.
+"""Training steps of one model two ways, in interleaved rounds: NCHW against channels_last
+batches (--compare format, the default) or fp32 against bf16 autocast (--compare precision).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
 CPU), and trains each on fixed random batches of `batch_size` for --steps steps per round,
 alternating which goes first, for --rounds rounds. It prints the median ms per step (wall
-and CPU time) of each memory format and the median of the per-round speed ratios
-channels_last / NCHW: the measurement behind `accel.memory_format`.
+and CPU time) of each arm and the median of the per-round speed ratios, second arm / first:
+the measurements behind `accel.memory_format` (channels_last / NCHW, in the config's
+precision) and behind `precision=auto` on the CPU (bf16 / fp32, in the memory format
+cifar-run picks).
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -14,6 +17,8 @@ the default (passive waits, as cifar-run sets them).
 Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py model=lenet5 batch_size=64 --rounds 30
     PYTHONPATH=src python scripts/bench_step.py model=lenet5 precision=fp32 --rounds 30
+    PYTHONPATH=src python scripts/bench_step.py model=resnet18 batch_size=128 \
+        --compare precision --rounds 4 --steps 5
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from cifar_run.run import seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+PRECISIONS = ("fp32", "bf16")
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +54,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
+    parser.add_argument(
+        "--compare",
+        choices=("format", "precision"),
+        default="format",
+        help="NCHW vs channels_last batches (default), or fp32 vs bf16 autocast",
+    )
     return parser.parse_args()
 
 
@@ -60,17 +72,19 @@ def main() -> None:
     labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
 
     arms = {}
-    for name, fmt in FORMATS.items():
+    for name in FORMATS if args.compare == "format" else PRECISIONS:
         seed_everything(cfg.seed)
         model = build_model(cfg.model)
-        speed = accel.speed_setup(model, CPU, cfg.precision)
+        precision = name if args.compare == "precision" else cfg.precision
+        speed = accel.speed_setup(model, CPU, precision)
+        fmt = FORMATS[name] if args.compare == "format" else speed.memory_format
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         batches = [x.contiguous(memory_format=fmt) for x in images]
         arms[name] = (speed, optimizer, batches)
-    dtype = next(iter(arms.values()))[0].precision.dtype
 
     def steps(name: str, count: int) -> None:
         speed, optimizer, batches = arms[name]
+        dtype = speed.precision.dtype
         for i in range(count):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(speed.net(batches[i % 8]), labels[i % 8])
@@ -79,8 +93,9 @@ def main() -> None:
             optimizer.step()
 
     print(
-        f"config: model={cfg.model.name} batch_size={cfg.batch_size} precision={cfg.precision} "
-        f"({'fp32' if dtype is None else dtype}), {threads} threads, "
+        f"config: model={cfg.model.name} batch_size={cfg.batch_size} "
+        f"precision={', '.join(speed.precision.name for speed, _, _ in arms.values())}, "
+        f"{threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
     )
@@ -99,8 +114,9 @@ def main() -> None:
             f"{name:14s} ms per step: wall {statistics.median(wall[name]):.3f}, "
             f"CPU {statistics.median(cpu[name]):.3f} (medians of {args.rounds} rounds)"
         )
-    ratios = [a / b for a, b in zip(wall["nchw"], wall["channels_last"], strict=True)]
-    print(f"channels_last speed / nchw: median {statistics.median(ratios):.3f}x per round")
+    first, second = names
+    ratios = [a / b for a, b in zip(wall[first], wall[second], strict=True)]
+    print(f"{second} speed / {first}: median {statistics.median(ratios):.3f}x per round")
 
 
 if __name__ == "__main__":

@@ -156,14 +156,16 @@ def test_channels_last_for_conv_nets_only() -> None:
 # The keys
 
 
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(
-    has_bf16: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("avx512_bf16", "amx"), [(True, True), (True, False), (False, False)])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_amx(
+    avx512_bf16: bool, amx: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(accel, "cpu_has_bf16", lambda: has_bf16)
+    # AVX-512 BF16 without AMX trains slower in bf16 than in fp32 (docs/benchmarks.md)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     auto = accel.resolve_precision("auto", CPU)
-    assert auto.name == ("bf16" if has_bf16 else "fp32")
-    assert auto.dtype == (torch.bfloat16 if has_bf16 else None)
+    assert auto.name == ("bf16" if amx else "fp32")
+    assert auto.dtype == (torch.bfloat16 if amx else None)
     assert auto.scaler(CPU) is None
     assert accel.resolve_precision("fp32", CPU).dtype is None  # explicit values stay as given
     assert accel.resolve_precision("bf16", CPU).dtype == torch.bfloat16
@@ -260,16 +262,20 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
     assert re.search(r"predictions that differ between the two: \d+ of 100", proc.stdout)
 
 
-def test_step_bench_times_both_memory_formats(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("compare", "arms"), [("format", ["nchw", "channels_last"]), ("precision", ["fp32", "bf16"])]
+)
+def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:
     args = ("model=lenet5", "batch_size=8", "--rounds", "2", "--steps", "2", "--warmup", "1")
-    proc = run_script("bench_step.py", *args, cwd=tmp_path)
+    proc = run_script("bench_step.py", *args, "--compare", compare, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(
-        r"^(nchw|channels_last) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M
-    )
-    assert [name for name, _, _ in rows] == ["nchw", "channels_last"], proc.stdout
+    rows = re.findall(r"^(\w+) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M)
+    assert [name for name, _, _ in rows] == arms, proc.stdout
     assert all(float(wall) > 0 for _, wall, _ in rows)
-    assert re.search(r"channels_last speed / nchw: median [\d.]+x per round", proc.stdout)
+    precisions = re.search(r"precision=(\w+), (\w+),", proc.stdout).groups()
+    expected = ("fp32", "bf16") if compare == "precision" else (precisions[0],) * 2
+    assert precisions == expected, proc.stdout
+    assert re.search(rf"{arms[1]} speed / {arms[0]}: median [\d.]+x per round", proc.stdout)
 
 
 def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Path) -> None:
