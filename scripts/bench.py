@@ -224,6 +224,7 @@ def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None
     device, model, optimizer = t.device, t.model, t.optimizer
     schedule, criterion = t.schedule, t.criterion
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
+    accel.one_thread_steps(optimizer, device)
     net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}

@@ -1,5 +1,6 @@
 """Training steps of one model two ways, in interleaved rounds: NCHW against channels_last
-batches (--compare format, the default) or fp32 against bf16 autocast (--compare precision).
+batches (--compare format, the default), fp32 against bf16 autocast (--compare precision),
+or optimizer steps on every CPU thread against one (--compare step-threads).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
@@ -7,8 +8,9 @@ CPU), and trains each on fixed random batches of `batch_size` for --steps steps 
 alternating which goes first, for --rounds rounds. It prints the median ms per step (wall
 and CPU time) of each arm and the median of the per-round speed ratios, second arm / first:
 the measurements behind `accel.memory_format` (channels_last / NCHW, in the config's
-precision) and behind `precision=auto` on the CPU (bf16 / fp32, in the memory format
-cifar-run picks).
+precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks)
+and `accel.one_thread_steps` (one thread / every thread for the optimizer's steps). Apart
+from what is compared, both arms train as cifar-run does.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -19,6 +21,7 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py model=lenet5 precision=fp32 --rounds 30
     PYTHONPATH=src python scripts/bench_step.py model=resnet18 batch_size=128 \
         --compare precision --rounds 4 --steps 5
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare step-threads
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from cifar_run.run import seed_everything  # noqa: E402
 CPU = torch.device("cpu")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PRECISIONS = ("fp32", "bf16")
+STEP_THREADS = ("every-thread", "one-thread")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,9 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
     parser.add_argument(
         "--compare",
-        choices=("format", "precision"),
+        choices=("format", "precision", "step-threads"),
         default="format",
-        help="NCHW vs channels_last batches (default), or fp32 vs bf16 autocast",
+        help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, or optimizer "
+        "steps on every thread vs one",
     )
     return parser.parse_args()
 
@@ -71,14 +76,16 @@ def main() -> None:
     images = torch.randn(8, cfg.batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
 
+    compared = {"format": FORMATS, "precision": PRECISIONS, "step-threads": STEP_THREADS}
     arms = {}
-    for name in FORMATS if args.compare == "format" else PRECISIONS:
+    for name in compared[args.compare]:
         seed_everything(cfg.seed)
         model = build_model(cfg.model)
-        precision = name if args.compare == "precision" else cfg.precision
-        speed = accel.speed_setup(model, CPU, precision)
-        fmt = FORMATS[name] if args.compare == "format" else speed.memory_format
+        speed = accel.speed_setup(model, CPU, name if name in PRECISIONS else cfg.precision)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+        if name != "every-thread":
+            accel.one_thread_steps(optimizer, CPU)
+        fmt = FORMATS.get(name, speed.memory_format)
         batches = [x.contiguous(memory_format=fmt) for x in images]
         arms[name] = (speed, optimizer, batches)
 

@@ -57,6 +57,7 @@ def main() -> None:
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
+    accel.one_thread_steps(optimizer, device)
     n = cfg.batch_size * args.steps
     # Random pixels: the step's cost does not depend on what the images show.
     split = ArraySplit(

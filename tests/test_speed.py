@@ -195,6 +195,28 @@ def test_threads_key_sets_torch_threads() -> None:
         torch.set_num_threads(before)
 
 
+def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model = LeNet5()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        assert accel.one_thread_steps(optimizer, CPU)
+        seen: list[int] = []
+        optimizer.register_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32)).sum().backward()
+            optimizer.step()
+            assert torch.get_num_threads() == 2  # forward and backward get both threads
+        assert seen == [1, 1]
+        # Nothing to gain elsewhere: CUDA's steps are kernels, one thread is one thread.
+        assert not accel.one_thread_steps(optimizer, torch.device("cuda"))
+        torch.set_num_threads(1)
+        assert not accel.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_run_records_the_resolved_precision(tmp_path: Path) -> None:
     results = run(compose_cfg([*TINY, "precision=bf16"]), tmp_path / "run")
     assert results["status"] == "completed" and results["precision"] == "bf16"
@@ -263,13 +285,18 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("compare", "arms"), [("format", ["nchw", "channels_last"]), ("precision", ["fp32", "bf16"])]
+    ("compare", "arms"),
+    [
+        ("format", ["nchw", "channels_last"]),
+        ("precision", ["fp32", "bf16"]),
+        ("step-threads", ["every-thread", "one-thread"]),
+    ],
 )
 def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:
     args = ("model=lenet5", "batch_size=8", "--rounds", "2", "--steps", "2", "--warmup", "1")
     proc = run_script("bench_step.py", *args, "--compare", compare, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^(\w+) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M)
+    rows = re.findall(r"^([\w-]+) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M)
     assert [name for name, _, _ in rows] == arms, proc.stdout
     assert all(float(wall) > 0 for _, wall, _ in rows)
     precisions = re.search(r"precision=(\w+), (\w+),", proc.stdout).groups()

@@ -34,6 +34,26 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Run `optimizer`'s steps on one CPU thread (hooks around each step; the other ops keep
+    every thread). Returns whether the hooks were added (on the CPU, with several threads).
+
+    An optimizer step is one short parallel region per parameter tensor, and under the
+    passive OpenMP waits cifar-run sets each region wakes the sleeping threads first: about
+    65 us on this project's 2-vCPU guest, more than a 300,000-element add takes on one
+    thread. torch's fused SGD step took 0.50 ms on two threads and 0.04 on one for LeNet-5,
+    6.8 and 5.1 ms for ResNet-18 (docs/benchmarks.md, "Optimizer steps on one thread").
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return False
+    optimizer.register_step_pre_hook(lambda *_: torch.set_num_threads(1))
+    # Back to the count of the time the hooks were added (a step that raises leaves one
+    # thread, but it ends the run).
+    optimizer.register_step_post_hook(lambda *_: torch.set_num_threads(threads))
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision
 

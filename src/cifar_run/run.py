@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     if cfg.get("ckpt_path") is not None and not cfg.resume:
         checkpoint.load_weights(model, cfg.ckpt_path)
     params = count_parameters(model)
-    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
+    optimizer = _optimizer(cfg, model.parameters(), cfg.lr, device)
     augment = build_augment(cfg.augment)
     if cfg.dry_run:
         print(_summary(cfg, model, params, device), flush=True)
@@ -220,6 +221,14 @@ def _load(cfg: DictConfig) -> Splits:
         time.perf_counter() - t_load,
     )
     return splits
+
+
+def _optimizer(
+    cfg: DictConfig, params: Iterable[nn.Parameter], lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    optimizer = build_optimizer(cfg.optim, params, lr)
+    accel.one_thread_steps(optimizer, device)
+    return optimizer
 
 
 def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, Any]:
@@ -469,7 +478,7 @@ def _train(
                 model,
                 settings,
                 stage_data,
-                lambda p, lr: build_optimizer(cfg.optim, p, lr),
+                lambda p, lr: _optimizer(cfg, p, lr, device),
                 total_params=params,
                 finetune_lr=settings.resolved_finetune_lr(cfg.lr),
                 out_dir=out_dir,
