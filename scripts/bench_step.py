@@ -1,6 +1,7 @@
 """Training steps of one model two ways, in interleaved rounds: NCHW against channels_last
 batches (--compare format, the default), fp32 against bf16 autocast (--compare precision),
-or optimizer steps on every CPU thread against one (--compare step-threads).
+optimizer steps on every CPU thread against one (--compare step-threads), or the textbook
+conv, activation, max pool against the pool first (--compare pool-order).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
@@ -9,8 +10,10 @@ alternating which goes first, for --rounds rounds. It prints the median ms per s
 and CPU time) of each arm and the median of the per-round speed ratios, second arm / first:
 the measurements behind `accel.memory_format` (channels_last / NCHW, in the config's
 precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks)
-and `accel.one_thread_steps` (one thread / every thread for the optimizer's steps). Apart
-from what is compared, both arms train as cifar-run does.
+`accel.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
+pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
+act-pool arm by moving each max pool back behind the ReLU it precedes). Apart from what is
+compared, both arms train as cifar-run does.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -22,6 +25,7 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py model=resnet18 batch_size=128 \
         --compare precision --rounds 4 --steps 5
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare step-threads
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare pool-order
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from cifar_run import accel  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
@@ -48,6 +53,19 @@ CPU = torch.device("cpu")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PRECISIONS = ("fp32", "bf16")
 STEP_THREADS = ("every-thread", "one-thread")
+POOL_ORDERS = ("act-pool", "pool-act")
+
+
+def textbook_order(model: nn.Module) -> int:
+    """Move every max pool that comes straight before a ReLU or LeakyReLU back behind it, in
+    place; returns how many moved."""
+    moved = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.MaxPool2d) and isinstance(seq[i + 1], nn.ReLU | nn.LeakyReLU):
+                seq[i], seq[i + 1] = seq[i + 1], seq[i]
+                moved += 1
+    return moved
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,10 +78,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
     parser.add_argument(
         "--compare",
-        choices=("format", "precision", "step-threads"),
+        choices=("format", "precision", "step-threads", "pool-order"),
         default="format",
-        help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, or optimizer "
-        "steps on every thread vs one",
+        help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, optimizer "
+        "steps on every thread vs one, or activation before max pool vs after",
     )
     return parser.parse_args()
 
@@ -76,11 +94,18 @@ def main() -> None:
     images = torch.randn(8, cfg.batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
 
-    compared = {"format": FORMATS, "precision": PRECISIONS, "step-threads": STEP_THREADS}
+    compared = {
+        "format": FORMATS,
+        "precision": PRECISIONS,
+        "step-threads": STEP_THREADS,
+        "pool-order": POOL_ORDERS,
+    }
     arms = {}
     for name in compared[args.compare]:
         seed_everything(cfg.seed)
         model = build_model(cfg.model)
+        if name == "act-pool" and not textbook_order(model):
+            raise SystemExit(f"bench_step.py: model={cfg.model.name} has no pool before a ReLU")
         speed = accel.speed_setup(model, CPU, name if name in PRECISIONS else cfg.precision)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from cifar_run.config import validate
 from cifar_run.errors import UserError
@@ -99,6 +101,61 @@ def test_layer_summary_counts_flops_of_each_layer_and_in_all():
     assert rows["features.1"] == "0"
     total = 2 * (conv1 + conv2 + linear)
     assert text.splitlines()[-1].endswith(f"; {total / 1e6:.3g}M FLOPs forward per image")
+
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU, nn.Tanh)
+
+
+def _usual_order(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of `model` with every MaxPool2d that comes straight before an activation moved
+    back after it (the textbook conv, activation, pool), and how many were moved."""
+    usual, moved = copy.deepcopy(model), 0
+    for seq in [m for m in usual.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.MaxPool2d) and isinstance(seq[i + 1], ACTIVATIONS):
+                seq[i], seq[i + 1] = seq[i + 1], seq[i]
+                moved += 1
+    return usual, moved
+
+
+def _train_both(model: nn.Module, usual: nn.Module) -> None:
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, usual)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(16, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 10, (16,), generator=generator)
+        for m, optimizer in zip((model, usual), optimizers, strict=True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "pools_first"),
+    [
+        ("lenet5", [], 2),
+        ("cnn", [], 3),  # Conv-BN-ReLU-pool
+        ("cnn", ["act=leaky_relu", "conv=[8,16]"], 2),
+        ("cnn", ["batchnorm=false", "conv=[8,16]"], 2),
+        ("cnn", ["pool_type=avg", "conv=[8,16]"], 0),  # averaging does not commute
+        ("cnn", ["act=gelu", "conv=[8,16]"], 0),  # nor does a non-monotone activation
+        ("cnn", ["bn_after_act=true", "conv=[8,16]"], 0),  # BatchNorm in between
+    ],
+)
+def test_max_pools_run_before_relus_and_train_bit_for_bit_as_the_usual_order(
+    name: str, overrides: list[str], pools_first: int
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(load(name, *overrides))
+    usual, moved = _usual_order(model)
+    assert moved == pools_first, model
+    assert model.state_dict().keys() == usual.state_dict().keys()
+    initial = copy.deepcopy(model.state_dict())
+    _train_both(model, usual)
+    for (key, a), b in zip(model.state_dict().items(), usual.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    first_conv = next(k for k in initial if k.endswith("weight"))
+    assert not torch.equal(model.state_dict()[first_conv], initial[first_conv]), "trained nothing"
 
 
 def test_layer_summary_collapses_repeated_blocks():

@@ -290,6 +290,7 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
         ("format", ["nchw", "channels_last"]),
         ("precision", ["fp32", "bf16"]),
         ("step-threads", ["every-thread", "one-thread"]),
+        ("pool-order", ["act-pool", "pool-act"]),
     ],
 )
 def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:

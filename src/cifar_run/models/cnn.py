@@ -24,6 +24,8 @@ Schema (every key is optional except ``conv``)::
 A conv block is, in order: Conv2d (padding ``k // 2`` unless ``pad`` is given), then BatchNorm
 and the activation in the order ``bn_after_act`` says, then the pooling (``pool: 2`` or
 ``pool: [3, 2]``, stride = kernel), then ``dropout`` (Dropout) and ``dropout2d`` (Dropout2d).
+A max pool runs before a ReLU or LeakyReLU that ends the block's Conv-BN-Act: the same
+function and gradients, computed on fewer values.
 
 The spatial size is tracked from the 32x32 input while the layers are built, so an impossible
 network (zero channels, a kernel or pool larger than its input) raises :class:`UserError` naming
@@ -184,7 +186,8 @@ class CNN(nn.Module):
             if not isinstance(use_bn, bool):
                 raise UserError(f"{_bad(where, 'bn', use_bn)} must be true or false")
             layers: list[nn.Module] = [nn.Conv2d(channels, ch, k, stride=stride, padding=pad)]
-            norm_act = [_activation(act, act_slope)]
+            act_layer = _activation(act, act_slope)
+            norm_act = [act_layer]
             if use_bn:
                 norm_act.insert(len(norm_act) if bn_after_act else 0, nn.BatchNorm2d(ch))
             layers += norm_act
@@ -197,7 +200,13 @@ class CNN(nn.Module):
                         f"{where}: input is {_size(h, w)}, pooling {ph}x{pw} would leave "
                         "nothing; use a smaller pool or fewer downsampling layers before it"
                     )
-                layers.append(pool_cls((ph, pw)))
+                # A max pool commutes with a ReLU or LeakyReLU just before it (both keep order;
+                # same outputs and gradients bit for bit), and the activation then touches a
+                # fraction of the values; the indices of the layers with state stay the same.
+                swap = (
+                    pool_type == "max" and act in ("relu", "leaky_relu") and layers[-1] is act_layer
+                )
+                layers.insert(len(layers) - 1 if swap else len(layers), pool_cls((ph, pw)))
                 h, w = h // ph, w // pw
                 label += f", {pool_type}pool {ph}x{pw}"
             for key, cls in (("dropout", nn.Dropout), ("dropout2d", nn.Dropout2d)):
