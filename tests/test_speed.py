@@ -319,6 +319,20 @@ def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Pa
     assert [float(t) for t, _, _ in ops] == sorted((float(t) for t, _, _ in ops), reverse=True)
 
 
+def test_loader_bench_times_both_normalizations_and_finds_them_equal(tmp_path: Path) -> None:
+    args = ("--batch-sizes", "16", "--images", "64", "--rounds", "2", "--augment", "standard")
+    proc = run_script("bench_loader.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(
+        r"^batch 16: four passes ([\d.]+) us, one pass ([\d.]+) us per batch .*"
+        r"largest difference ([\d.e+-]+)$",
+        proc.stdout,
+        re.M,
+    )
+    assert found and float(found[1]) > 0 and float(found[2]) > 0, proc.stdout
+    assert float(found[3]) < 1e-5  # the same pixels and normalization, up to rounding
+
+
 def test_ema_bench_times_both_updates_and_finds_them_identical(tmp_path: Path) -> None:
     args = ("--models", "lenet5", "--rounds", "2", "--calls", "3")
     proc = run_script("bench_ema.py", *args, cwd=tmp_path)

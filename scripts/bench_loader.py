@@ -1,0 +1,107 @@
+"""What a batch costs to prepare: DeviceLoader's one-pass normalization against four passes.
+
+DeviceLoader gathers each batch from the uint8 images, augments it, and turns it into
+normalized float values in the batches' memory format with one `torch.addcmul` writing
+straight into a float tensor of that layout. The reference arm is the way it did so before
+(and the way one writes it): reorder to the memory format while still uint8, convert to
+float, multiply, add: four passes over the batch. For each batch size the script times
+full epochs of both loaders over the same random uint8 images (timing does not depend on
+content), alternating which goes first, for --rounds rounds, and prints the median
+microseconds per batch of each, the median per-round ratio and the largest difference
+between the two arms' values (a fused multiply-add rounds once, so up to the last bit).
+
+Example (the figures in docs/benchmarks.md, "Batches normalized in one pass"):
+    PYTHONPATH=src python scripts/bench_loader.py --batch-sizes 64 128 512 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from cifar_run.constants import set_openmp_defaults  # torch-free
+
+set_openmp_defaults()  # as cifar-run does, before torch is imported
+
+import torch  # noqa: E402
+
+from cifar_run.augment import build_augment  # noqa: E402
+from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from cifar_run.data import ArraySplit  # noqa: E402
+from cifar_run.loader import DeviceLoader  # noqa: E402
+
+
+class FourPassLoader(DeviceLoader):
+    """DeviceLoader with the reorder, convert, multiply and add of the reference arm."""
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
+        return x.float() * self.scale + self.shift
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 512])
+    parser.add_argument("--images", type=int, default=10_000, help="images per epoch")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--augment", default="none", help="cifar-run augment set")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    return parser.parse_args()
+
+
+def _epoch_us(loader: DeviceLoader, device: torch.device) -> float:
+    """Microseconds per batch over one epoch."""
+    start = time.perf_counter()
+    for _batch in loader:
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / len(loader) * 1e6
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    split = ArraySplit(images, torch.randint(0, 10, (args.images,), generator=generator))
+    augment = build_augment(compose_config([f"augment={args.augment}"]).augment)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+        f"{args.images} images, augment={args.augment}, channels_last batches"
+    )
+    for batch_size in args.batch_sizes:
+        arms = {
+            name: cls(
+                split,
+                batch_size,
+                device=device,
+                mean=CIFAR10_MEAN,
+                std=CIFAR10_STD,
+                shuffle=True,
+                augment=augment,
+                memory_format=torch.channels_last,
+            )
+            for name, cls in (("four passes", FourPassLoader), ("one pass", DeviceLoader))
+        }
+        (x_old, _), (x_new, _) = (next(iter(loader)) for loader in arms.values())
+        diff = (x_old - x_new).abs().max().item()
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for r in range(args.rounds):
+            for name in list(arms) if r % 2 == 0 else list(reversed(arms)):
+                times[name].append(_epoch_us(arms[name], device))
+        old, new = (statistics.median(t) for t in times.values())
+        ratio = statistics.median(a / b for a, b in zip(*times.values(), strict=True))
+        print(
+            f"batch {batch_size}: four passes {old:.1f} us, one pass {new:.1f} us per batch "
+            f"(medians of {args.rounds} rounds); {ratio:.2f}x per round; largest difference "
+            f"{diff:.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
