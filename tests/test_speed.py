@@ -319,12 +319,12 @@ def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Pa
     assert [float(t) for t, _, _ in ops] == sorted((float(t) for t, _, _ in ops), reverse=True)
 
 
-def test_loader_bench_times_both_normalizations_and_finds_them_equal(tmp_path: Path) -> None:
+def test_loader_bench_times_both_arms_and_finds_their_batches_equal(tmp_path: Path) -> None:
     args = ("--batch-sizes", "16", "--images", "64", "--rounds", "2", "--augment", "standard")
     proc = run_script("bench_loader.py", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     found = re.search(
-        r"^batch 16: four passes ([\d.]+) us, one pass ([\d.]+) us per batch .*"
+        r"^batch 16: plain ([\d.]+) us, DeviceLoader ([\d.]+) us per batch .*"
         r"largest difference ([\d.e+-]+)$",
         proc.stdout,
         re.M,
