@@ -41,7 +41,7 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     An optimizer step is one short parallel region per parameter tensor, and under the
     passive OpenMP waits cifar-run sets each region wakes the sleeping threads first: about
     65 us on this project's 2-vCPU guest, more than a 300,000-element add takes on one
-    thread. torch's fused SGD step took 0.50 ms on two threads and 0.04 on one for LeNet-5,
+    thread. torch's fused SGD step took 0.52 ms on two threads and 0.04 on one for LeNet-5,
     6.8 and 5.1 ms for ResNet-18 (docs/benchmarks.md, "Optimizer steps on one thread").
     """
     threads = torch.get_num_threads()
