@@ -9,7 +9,7 @@ CPU), and trains each on fixed random batches of `batch_size` for --steps steps 
 alternating which goes first, for --rounds rounds. It prints the median ms per step (wall
 and CPU time) of each arm and the median of the per-round speed ratios, second arm / first:
 the measurements behind `accel.memory_format` (channels_last / NCHW, in the config's
-precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks)
+precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks),
 `accel.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
 pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
 act-pool arm by moving each max pool back behind the ReLU it precedes). Apart from what is
