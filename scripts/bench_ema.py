@@ -59,7 +59,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     theirs, ours = weight_average(model, args.decay), weight_average(model, args.decay)
     arms = {
         "AveragedModel.update_parameters": lambda: theirs.update_parameters(model),
-        "ema.step_function": step_function(ours, model, args.decay),
+        "ema.step_function": step_function(ours, model),
     }
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(args.rounds):

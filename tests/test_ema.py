@@ -35,7 +35,7 @@ def test_step_function_computes_what_averaged_model_computes() -> None:
     torch.manual_seed(0)
     model = build_model(compose_cfg(["model=resnet20"]).model)
     theirs, ours = weight_average(model, 0.9), weight_average(model, 0.9)
-    step = step_function(ours, model, 0.9)
+    step = step_function(ours, model)
     for _ in range(3):
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

@@ -17,18 +17,26 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
-def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+class WeightAverage(AveragedModel):
+    """An AveragedModel that keeps its decay, so that `step_function` needs only the model."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay = decay  # a plain attribute: the state dict stays AveragedModel's
+
+
+def weight_average(model: nn.Module, decay: float) -> WeightAverage:
     """A moving average of `model`, starting from its current weights on its device.
 
     The step counter `n_averaged` stays on the CPU (AveragedModel's default) even for a CUDA
     model: the update reads it every step, and a CUDA counter would make that read a host
     synchronisation."""
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average = WeightAverage(model, decay)
     average.update_parameters(model)  # counts the starting weights as the first average
     return average
 
 
-def step_function(average: AveragedModel, model: nn.Module, decay: float) -> Callable[[], None]:
+def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None]:
     """`average.update_parameters(model)` for an average `weight_average(model, decay)` made,
     with the tensors paired once instead of on every step.
 
@@ -51,6 +59,7 @@ def step_function(average: AveragedModel, model: nn.Module, decay: float) -> Cal
     floats = [(a, m) for a, m in pairs if a.is_floating_point()]
     averaged, current = [a for a, _ in floats], [m for _, m in floats]
     others = [(a, m) for a, m in pairs if not a.is_floating_point()]
+    decay = average.decay
 
     @torch.no_grad()
     def step() -> None:

@@ -297,7 +297,7 @@ def _finetune(
                 optimizer,
                 scaler=scaler,
                 desc=desc,
-                after_step=None if average is None else step_function(average, model, ema),
+                after_step=None if average is None else step_function(average, model),
                 eval_model=evaluated,
             )
         except NonFiniteLoss as exc:

@@ -353,7 +353,7 @@ def _train(
                 scaler=scaler,
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 step_scheduler=schedule.step_batch,
-                after_step=None if ema is None else step_function(ema, model, cfg.ema),
+                after_step=None if ema is None else step_function(ema, model),
                 eval_model=evaluated,
             )
         except NonFiniteLoss as exc:
