@@ -16,6 +16,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+# Under passive OpenMP waits a parallel region first wakes the sleeping threads (about 65 us
+# on this project's 2-vCPU guest): a lerp of 320,000 floats took 68 us on one thread and 89
+# on two, one of 640,000 took 168 and 140 (docs/benchmarks.md, "Small tensors of the
+# average on one thread").
+ONE_THREAD_BELOW = 1 << 19
+
 
 class WeightAverage(AveragedModel):
     """An AveragedModel that keeps its decay, so that `step_function` needs only the model."""
@@ -47,6 +53,9 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
     0.07 ms per step, next to a 7 ms training step; scripts/bench_ema.py). The pairs hold the
     tensors themselves, which optimizers and load_state_dict update in place; build it again
     after replacing one.
+
+    On the CPU with several threads, tensors under ONE_THREAD_BELOW elements are averaged on
+    one thread and the rest on all of them (the thread count of the time it is built).
     """
     pairs = [
         (a.detach(), m.detach())
@@ -57,14 +66,28 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
         )
     ]
     floats = [(a, m) for a, m in pairs if a.is_floating_point()]
-    averaged, current = [a for a, _ in floats], [m for _, m in floats]
+    threads = torch.get_num_threads()
+    split = threads > 1 and any(a.device.type == "cpu" for a, _ in floats)
+    serial = [(a, m) for a, m in floats if split and a.numel() < ONE_THREAD_BELOW]
+    parallel = [(a, m) for a, m in floats if not (split and a.numel() < ONE_THREAD_BELOW)]
+    groups = [
+        (one_thread, [a for a, _ in group], [m for _, m in group])
+        for one_thread, group in ((True, serial), (False, parallel))
+        if group
+    ]
     others = [(a, m) for a, m in pairs if not a.is_floating_point()]
     decay = average.decay
 
     @torch.no_grad()
     def step() -> None:
-        if averaged:
-            torch._foreach_lerp_(averaged, current, 1 - decay)
+        for one_thread, averaged, current in groups:
+            if one_thread:
+                torch.set_num_threads(1)
+            try:
+                torch._foreach_lerp_(averaged, current, 1 - decay)
+            finally:
+                if one_thread:
+                    torch.set_num_threads(threads)
         for a, m in others:
             a.copy_(a * decay + m * (1 - decay))
         average.n_averaged += 1
