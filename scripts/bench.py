@@ -220,6 +220,14 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
 
 
 def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+    threads = torch.get_num_threads()
+    try:
+        return _train_ours(cfg, splits, seed, max_steps)
+    finally:  # the reference arm gets every thread (small_ops_on_one_thread may leave one)
+        torch.set_num_threads(threads)
+
+
+def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     t = shared_training(cfg, splits, seed, max_steps)
     device, model, optimizer = t.device, t.model, t.optimizer
     schedule, criterion = t.schedule, t.criterion

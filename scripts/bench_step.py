@@ -1,7 +1,8 @@
 """Training steps of one model two ways, in interleaved rounds: NCHW against channels_last
 batches (--compare format, the default), fp32 against bf16 autocast (--compare precision),
-optimizer steps on every CPU thread against one (--compare step-threads), or the textbook
-conv, activation, max pool against the pool first (--compare pool-order).
+optimizer steps on every CPU thread against one (--compare step-threads), the textbook
+conv, activation, max pool against the pool first (--compare pool-order), or every op on
+every thread against small ops on one (--compare op-threads).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
@@ -12,7 +13,8 @@ the measurements behind `accel.memory_format` (channels_last / NCHW, in the conf
 precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks),
 `accel.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
 pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
-act-pool arm by moving each max pool back behind the ReLU it precedes). Apart from what is
+act-pool arm by moving each max pool back behind the ReLU it precedes) and
+`accel.small_ops_on_one_thread` (small-ops-one / ops-every-thread). Apart from what is
 compared, both arms train as cifar-run does.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
@@ -26,6 +28,7 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
         --compare precision --rounds 4 --steps 5
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare step-threads
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare pool-order
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare op-threads
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 PRECISIONS = ("fp32", "bf16")
 STEP_THREADS = ("every-thread", "one-thread")
 POOL_ORDERS = ("act-pool", "pool-act")
+OP_THREADS = ("ops-every-thread", "small-ops-one")
 
 
 def textbook_order(model: nn.Module) -> int:
@@ -78,10 +82,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
     parser.add_argument(
         "--compare",
-        choices=("format", "precision", "step-threads", "pool-order"),
+        choices=("format", "precision", "step-threads", "pool-order", "op-threads"),
         default="format",
         help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, optimizer "
-        "steps on every thread vs one, or activation before max pool vs after",
+        "steps on every thread vs one, activation before max pool vs after, or every op "
+        "on every thread vs small ops on one",
     )
     return parser.parse_args()
 
@@ -99,6 +104,7 @@ def main() -> None:
         "precision": PRECISIONS,
         "step-threads": STEP_THREADS,
         "pool-order": POOL_ORDERS,
+        "op-threads": OP_THREADS,
     }
     arms = {}
     for name in compared[args.compare]:
@@ -106,7 +112,8 @@ def main() -> None:
         model = build_model(cfg.model)
         if name == "act-pool" and not textbook_order(model):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} has no pool before a ReLU")
-        speed = accel.speed_setup(model, CPU, name if name in PRECISIONS else cfg.precision)
+        precision = name if name in PRECISIONS else cfg.precision
+        speed = accel.speed_setup(model, CPU, precision, op_threads=name != "ops-every-thread")
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":
             accel.one_thread_steps(optimizer, CPU)
@@ -117,6 +124,7 @@ def main() -> None:
     def steps(name: str, count: int) -> None:
         speed, optimizer, batches = arms[name]
         dtype = speed.precision.dtype
+        torch.set_num_threads(threads)  # the other arm's last op may have left one
         for i in range(count):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(speed.net(batches[i % 8]), labels[i % 8])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from cifar_run import accel, data
@@ -217,6 +218,66 @@ def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread() -> 
         torch.set_num_threads(before)
 
 
+class _ThreadsPerOp(TorchDispatchMode):
+    """Records (op name, input shape, CPU threads) for every aten op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+        self.seen.append((func.__name__.split(".")[0], shape, torch.get_num_threads()))
+        return func(*args, **(kwargs or {}))
+
+
+def _threads_per_op(model: nn.Module, batch: int) -> list[tuple[str, tuple[int, ...], int]]:
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with _ThreadsPerOp() as ops:
+        nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long)).backward()
+    return ops.seen
+
+
+def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model = LeNet5()
+        assert accel.small_ops_on_one_thread(model, CPU)
+        # Batch 8: every tensor is small, so all but the convolutions and pools take one.
+        seen = _threads_per_op(model, 8)
+        heavy = {"convolution", "convolution_backward", "max_pool2d_with_indices"}
+        heavy.add("max_pool2d_with_indices_backward")
+        assert {t for op, _, t in seen if op in heavy} == {2}
+        assert {op for op, _, _ in seen} > heavy | {"relu_", "addmm", "mm", "threshold_backward"}
+        assert {t for op, _, t in seen if op not in heavy and op != "detach"} == {1}
+        # Batch 512: the first ReLU's 602,112 values keep both threads, the second's 204,800
+        # and the classifier go to one, forward and backward.
+        seen = _threads_per_op(model, 512)
+        relus = {(shape, t) for op, shape, t in seen if op in ("relu_", "threshold_backward")}
+        assert {r for r in relus if len(r[0]) == 4} == {((512, 6, 14, 14), 2), ((512, 16, 5, 5), 1)}
+        assert {t for op, _, t in seen if op in ("addmm", "mm")} == {1}
+        assert {t for op, _, t in seen if op in heavy} == {2}
+        # No hooks where they have nothing to do.
+        assert not accel.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
+        assert not accel.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
+        torch.set_num_threads(1)
+        assert not accel.small_ops_on_one_thread(LeNet5(), CPU)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_gives_back_the_thread_count_small_ops_change() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        # The last op of a LeNet-5 run (the test pass's classifier) runs on one thread.
+        assert run(compose_cfg(TINY), None)["status"] == "completed"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_run_records_the_resolved_precision(tmp_path: Path) -> None:
     results = run(compose_cfg([*TINY, "precision=bf16"]), tmp_path / "run")
     assert results["status"] == "completed" and results["precision"] == "bf16"
@@ -291,6 +352,7 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
         ("precision", ["fp32", "bf16"]),
         ("step-threads", ["every-thread", "one-thread"]),
         ("pool-order", ["act-pool", "pool-act"]),
+        ("op-threads", ["ops-every-thread", "small-ops-one"]),
     ],
 )
 def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ behind them, are in docs/benchmarks.md ("Speed settings").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,72 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     # Back to the count of the time the hooks were added (a step that raises leaves one
     # thread, but it ends the run).
     optimizer.register_step_post_hook(lambda *_: torch.set_num_threads(threads))
+    return True
+
+
+# Elements under which an elementwise op (or a small matrix multiply) runs faster on one thread
+# than on two under passive waits: waking the second thread costs about 65 us on this
+# project's 2-vCPU guest, where a lerp of 320,000 floats took 68 us on one thread and 89 on
+# two, one of 640,000 168 and 140 (docs/benchmarks.md, "Small tensors of the average on one
+# thread").
+ONE_THREAD_BELOW = 1 << 19
+
+# Modules worth every thread however small their tensors: many multiply-adds per element
+# (LeNet-5's convolutions and pools at batch 64 ran 1.3-1.6x faster on two threads than on one).
+PARALLEL_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def small_ops_on_one_thread(model: nn.Module, device: torch.device) -> bool:
+    """Run `model`'s ops on tensors of fewer than ONE_THREAD_BELOW elements on one CPU
+    thread, forward and backward, and its convolutions and pools (PARALLEL_MODULES) on
+    every thread. Returns whether hooks were added (on the CPU, with several threads, in a
+    model with such modules).
+
+    Hooks sit only where the count can change, on the convolutions and pools (a hook on
+    every module cost LeNet-5 3.6% of its step): before one, every thread; after it, the
+    count its output's size asks for, kept by the ops that follow it up to the next one. In
+    the backward pass, where its input or output is small, hooks on its autograd node do the
+    same: every thread for its own gradient, then the count of its input's size for the
+    gradients of the ops before it. (Elsewhere the backward pass keeps every thread: in
+    CIFAR nets tensors shrink only at convolutions and pools.)
+    In LeNet-5 at batch 64 everything but the convolutions and pools goes to one thread (a
+    step 1.1x faster: docs/benchmarks.md, "Small ops on one thread"); in ResNet-18 and
+    ResNet-20 at batch 128 only what follows the last pool. The count is the one of the time
+    the hooks are added; the last op run leaves its own count set, so callers that go on to
+    other work restore theirs.
+    """
+    threads = torch.get_num_threads()
+    parallel = [m for m in model.modules() if isinstance(m, PARALLEL_MODULES)]
+    if device.type != "cpu" or threads == 1 or not parallel:
+        return False
+
+    def to_one(*_: object) -> None:
+        torch.set_num_threads(1)
+
+    def to_all(*_: object) -> None:
+        torch.set_num_threads(threads)
+
+    def for_size(x: object) -> Callable[..., None]:
+        small = isinstance(x, torch.Tensor) and x.numel() < ONE_THREAD_BELOW
+        return to_one if small else to_all
+
+    def first(module: nn.Module, args: tuple) -> None:  # the ops before the first conv
+        for_size(args[0] if args else None)()
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        following, preceding = for_size(out), for_size(args[0] if args else None)
+        following()
+        # Node hooks only where the count changes: each costs tens of microseconds, and on
+        # every convolution they made ResNet-20 (nothing small but the classifier) 2% slower.
+        changes = to_one in (following, preceding)
+        if changes and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            out.grad_fn.register_prehook(to_all)
+            out.grad_fn.register_hook(preceding)
+
+    model.register_forward_pre_hook(first)
+    for module in parallel:
+        module.register_forward_pre_hook(to_all)
+        module.register_forward_hook(after)
     return True
 
 
@@ -163,13 +230,20 @@ class Speed:
 
 
 def speed_setup(
-    model: nn.Module, device: torch.device, precision: str, compile: bool = False
+    model: nn.Module,
+    device: torch.device,
+    precision: str,
+    compile: bool = False,
+    op_threads: bool = True,
 ) -> Speed:
-    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile),
-    compile if asked and pick the batches' memory format: one call, so run.py and
-    scripts/bench.py train the same way. Keep `model` for state dicts and pruning."""
+    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile), run
+    small ops on one thread (CPU, not under compile; `op_threads`), compile if asked and
+    pick the batches' memory format: one call, so run.py and scripts/bench.py train the
+    same way. Keep `model` for state dicts and pruning."""
     resolved = resolve_precision(precision, device)
     tap_conv_grads(model, device, compile=compile)
+    if op_threads and not compile:  # dynamo would trace the hooks' thread switches
+        small_ops_on_one_thread(model, device)
     return Speed(
         net=compiled(model, compile),
         precision=resolved,

@@ -16,11 +16,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-# Under passive OpenMP waits a parallel region first wakes the sleeping threads (about 65 us
-# on this project's 2-vCPU guest): a lerp of 320,000 floats took 68 us on one thread and 89
-# on two, one of 640,000 took 168 and 140 (docs/benchmarks.md, "Small tensors of the
-# average on one thread").
-ONE_THREAD_BELOW = 1 << 19
+from cifar_run.accel import ONE_THREAD_BELOW
 
 
 class WeightAverage(AveragedModel):

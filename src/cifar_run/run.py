@@ -129,7 +129,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
     settings = validate_pruning(cfg.prune, cfg.pruning)
-    accel.set_threads(cfg.get("threads"))  # parallel sweep jobs share the machine's cores
+    threads = accel.set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     resume_from = None
@@ -178,6 +178,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.write_status(out_dir, {**results, "status": "failed", "error": message})
         raise
+    finally:  # small_ops_on_one_thread leaves the count of the last module run
+        torch.set_num_threads(threads)
     rows, notes = None, []
     if settings.enabled:
         rows = prune_stage.table_rows(results, report.RESULT_COLUMNS)
