@@ -78,8 +78,9 @@ def small_ops_on_one_thread(model: nn.Module, device: torch.device) -> bool:
     count its output's size asks for, kept by the ops that follow it up to the next one. In
     the backward pass, where its input or output is small, hooks on its autograd node do the
     same: every thread for its own gradient, then the count of its input's size for the
-    gradients of the ops before it. (Elsewhere the backward pass keeps every thread: in
-    CIFAR nets tensors shrink only at convolutions and pools.)
+    gradients of the ops before it; elsewhere it keeps every thread (in CIFAR nets tensors
+    shrink only at convolutions and pools).
+
     In LeNet-5 at batch 64 everything but the convolutions and pools goes to one thread (a
     step 1.1x faster: docs/benchmarks.md, "Small ops on one thread"); in ResNet-18 and
     ResNet-20 at batch 128 only what follows the last pool. The count is the one of the time

@@ -50,8 +50,8 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
     tensors themselves, which optimizers and load_state_dict update in place; build it again
     after replacing one.
 
-    On the CPU with several threads, tensors under ONE_THREAD_BELOW elements are averaged on
-    one thread and the rest on all of them (the thread count of the time it is built).
+    On the CPU, tensors under ONE_THREAD_BELOW elements are averaged on one thread and the
+    rest on the threads in use when the step runs.
     """
     pairs = [
         (a.detach(), m.detach())
@@ -62,28 +62,24 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
         )
     ]
     floats = [(a, m) for a, m in pairs if a.is_floating_point()]
-    threads = torch.get_num_threads()
-    split = threads > 1 and any(a.device.type == "cpu" for a, _ in floats)
-    serial = [(a, m) for a, m in floats if split and a.numel() < ONE_THREAD_BELOW]
-    parallel = [(a, m) for a, m in floats if not (split and a.numel() < ONE_THREAD_BELOW)]
-    groups = [
-        (one_thread, [a for a, _ in group], [m for _, m in group])
-        for one_thread, group in ((True, serial), (False, parallel))
-        if group
-    ]
+    # On the CPU the small tensors' lerp runs on one thread (see ONE_THREAD_BELOW).
+    on_cpu = any(a.device.type == "cpu" for a, _ in floats)
+    small = [(a, m) for a, m in floats if on_cpu and a.numel() < ONE_THREAD_BELOW]
+    large = [(a, m) for a, m in floats if not (on_cpu and a.numel() < ONE_THREAD_BELOW)]
+    groups = [([a for a, _ in g], [m for _, m in g], g is small) for g in (small, large) if g]
     others = [(a, m) for a, m in pairs if not a.is_floating_point()]
     decay = average.decay
 
     @torch.no_grad()
     def step() -> None:
-        for one_thread, averaged, current in groups:
+        threads = torch.get_num_threads()
+        for averaged, current, one_thread in groups:
             if one_thread:
                 torch.set_num_threads(1)
             try:
                 torch._foreach_lerp_(averaged, current, 1 - decay)
             finally:
-                if one_thread:
-                    torch.set_num_threads(threads)
+                torch.set_num_threads(threads)
         for a, m in others:
             a.copy_(a * decay + m * (1 - decay))
         average.n_averaged += 1
