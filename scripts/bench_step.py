@@ -58,6 +58,13 @@ PRECISIONS = ("fp32", "bf16")
 STEP_THREADS = ("every-thread", "one-thread")
 POOL_ORDERS = ("act-pool", "pool-act")
 OP_THREADS = ("ops-every-thread", "small-ops-one")
+COMPARED = {
+    "format": FORMATS,
+    "precision": PRECISIONS,
+    "step-threads": STEP_THREADS,
+    "pool-order": POOL_ORDERS,
+    "op-threads": OP_THREADS,
+}  # --compare: the two arms of each
 
 
 def textbook_order(model: nn.Module) -> int:
@@ -82,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
     parser.add_argument(
         "--compare",
-        choices=("format", "precision", "step-threads", "pool-order", "op-threads"),
+        choices=list(COMPARED),
         default="format",
         help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, optimizer "
         "steps on every thread vs one, activation before max pool vs after, or every op "
@@ -99,15 +106,8 @@ def main() -> None:
     images = torch.randn(8, cfg.batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
 
-    compared = {
-        "format": FORMATS,
-        "precision": PRECISIONS,
-        "step-threads": STEP_THREADS,
-        "pool-order": POOL_ORDERS,
-        "op-threads": OP_THREADS,
-    }
     arms = {}
-    for name in compared[args.compare]:
+    for name in COMPARED[args.compare]:
         seed_everything(cfg.seed)
         model = build_model(cfg.model)
         if name == "act-pool" and not textbook_order(model):

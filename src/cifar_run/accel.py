@@ -8,7 +8,8 @@ behind them, are in docs/benchmarks.md ("Speed settings").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,17 @@ def set_threads(threads: int | None) -> int:
     except RuntimeError:  # only settable before the first inter-op work of the process
         pass
     return torch.get_num_threads()
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """CPU ops inside run on one thread; the count in use before comes back on exit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:

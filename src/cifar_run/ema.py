@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cifar_run.accel import ONE_THREAD_BELOW
+from cifar_run.accel import ONE_THREAD_BELOW, one_cpu_thread
 
 
 class WeightAverage(AveragedModel):
@@ -64,27 +64,28 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
     floats = [(a, m) for a, m in pairs if a.is_floating_point()]
     # On the CPU the small tensors' lerp runs on one thread (see ONE_THREAD_BELOW).
     on_cpu = any(a.device.type == "cpu" for a, _ in floats)
-    small = [(a, m) for a, m in floats if on_cpu and a.numel() < ONE_THREAD_BELOW]
-    large = [(a, m) for a, m in floats if not (on_cpu and a.numel() < ONE_THREAD_BELOW)]
-    groups = [([a for a, _ in g], [m for _, m in g], g is small) for g in (small, large) if g]
+    is_small = [on_cpu and a.numel() < ONE_THREAD_BELOW for a, _ in floats]
+    small = _unzipped([pair for pair, s in zip(floats, is_small, strict=True) if s])
+    large = _unzipped([pair for pair, s in zip(floats, is_small, strict=True) if not s])
     others = [(a, m) for a, m in pairs if not a.is_floating_point()]
     decay = average.decay
 
     @torch.no_grad()
     def step() -> None:
-        threads = torch.get_num_threads()
-        for averaged, current, one_thread in groups:
-            if one_thread:
-                torch.set_num_threads(1)
-            try:
-                torch._foreach_lerp_(averaged, current, 1 - decay)
-            finally:
-                torch.set_num_threads(threads)
+        if small[0]:
+            with one_cpu_thread():
+                torch._foreach_lerp_(*small, 1 - decay)
+        if large[0]:
+            torch._foreach_lerp_(*large, 1 - decay)
         for a, m in others:
             a.copy_(a * decay + m * (1 - decay))
         average.n_averaged += 1
 
     return step
+
+
+def _unzipped(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]:
+    return [a for a, _ in pairs], [m for _, m in pairs]
 
 
 def averaged_weights(state: dict) -> dict:
