@@ -258,6 +258,7 @@ def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | Non
             desc="ours",
             autocast=precision.dtype,
             scaler=scaler,
+            split=speed.split,
         )
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(stats.images / stats.seconds)

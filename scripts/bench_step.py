@@ -2,7 +2,8 @@
 batches (--compare format, the default), fp32 against bf16 autocast (--compare precision),
 optimizer steps on every CPU thread against one (--compare step-threads), the textbook
 conv, activation, max pool against the pool first (--compare pool-order), or every op on
-every thread against small ops on one (--compare op-threads).
+every thread against small ops on one (--compare op-threads), or the whole batch against
+halves of it on two threads (--compare batch-split).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
@@ -14,8 +15,9 @@ precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar
 `accel.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
 pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
 act-pool arm by moving each max pool back behind the ReLU it precedes) and
-`accel.small_ops_on_one_thread` (small-ops-one / ops-every-thread). Apart from what is
-compared, both arms train as cifar-run does.
+`accel.small_ops_on_one_thread` (small-ops-one / ops-every-thread) and `accel.batch_split`
+(halves / whole-batch). Apart from what is compared, both arms train as cifar-run does,
+except that only the halves arm splits batches.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -29,6 +31,7 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare step-threads
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare pool-order
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare op-threads
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare batch-split
 """
 
 from __future__ import annotations
@@ -58,12 +61,14 @@ PRECISIONS = ("fp32", "bf16")
 STEP_THREADS = ("every-thread", "one-thread")
 POOL_ORDERS = ("act-pool", "pool-act")
 OP_THREADS = ("ops-every-thread", "small-ops-one")
+BATCH_SPLIT = ("whole-batch", "halves")
 COMPARED = {
     "format": FORMATS,
     "precision": PRECISIONS,
     "step-threads": STEP_THREADS,
     "pool-order": POOL_ORDERS,
     "op-threads": OP_THREADS,
+    "batch-split": BATCH_SPLIT,
 }  # --compare: the two arms of each
 
 
@@ -93,7 +98,7 @@ def parse_args() -> argparse.Namespace:
         default="format",
         help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, optimizer "
         "steps on every thread vs one, activation before max pool vs after, or every op "
-        "on every thread vs small ops on one",
+        "on every thread vs small ops on one, or whole batches vs halves on two threads",
     )
     return parser.parse_args()
 
@@ -113,7 +118,15 @@ def main() -> None:
         if name == "act-pool" and not textbook_order(model):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} has no pool before a ReLU")
         precision = name if name in PRECISIONS else cfg.precision
-        speed = accel.speed_setup(model, CPU, precision, op_threads=name != "ops-every-thread")
+        speed = accel.speed_setup(
+            model,
+            CPU,
+            precision,
+            op_threads=name != "ops-every-thread",
+            split=name == "halves",
+        )
+        if name == "halves" and speed.split is None:
+            raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":
             accel.one_thread_steps(optimizer, CPU)
@@ -126,10 +139,15 @@ def main() -> None:
         dtype = speed.precision.dtype
         torch.set_num_threads(threads)  # the other arm's last op may have left one
         for i in range(count):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(speed.net(batches[i % 8]), labels[i % 8])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if speed.split is not None:
+                speed.split.forward_backward(
+                    speed.net, F.cross_entropy, batches[i % 8], labels[i % 8], autocast=dtype
+                )
+            else:
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    loss = F.cross_entropy(speed.net(batches[i % 8]), labels[i % 8])
+                loss.backward()
             optimizer.step()
 
     print(

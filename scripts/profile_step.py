@@ -84,6 +84,7 @@ def main() -> None:
             device=device,
             autocast=speed.precision.dtype,
             scaler=speed.scaler,
+            split=speed.split,
         )
         return stats.seconds  # ends in a host synchronisation (the epoch's loss is read)
 

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def _restore_determinism():
 
 
 class Faulty(LeNet5):
-    """LeNet-5 whose `at`-th training forward pass goes wrong: NaN outputs, or a crash."""
+    """LeNet-5 whose `at`-th training forward pass goes wrong: NaN outputs, or a crash.
+
+    Counted on the thread that runs the training loop, one pass per step: where batches run
+    as two halves (cifar_run.split), the helper thread's passes over second halves are not.
+    """
 
     def __init__(self, at: int, fault: str) -> None:
         super().__init__()
@@ -48,7 +53,7 @@ class Faulty(LeNet5):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.training:
+        if self.training and threading.current_thread() is threading.main_thread():
             self.calls += 1
             if self.calls == self.at:
                 if self.fault == "crash":

@@ -353,10 +353,13 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
         ("step-threads", ["every-thread", "one-thread"]),
         ("pool-order", ["act-pool", "pool-act"]),
         ("op-threads", ["ops-every-thread", "small-ops-one"]),
+        ("batch-split", ["whole-batch", "halves"]),
     ],
 )
 def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:
-    args = ("model=lenet5", "batch_size=8", "--rounds", "2", "--steps", "2", "--warmup", "1")
+    # threads=2: halves need two threads, whatever the machine running the tests has.
+    args = ("model=lenet5", "batch_size=8", "threads=2", "--rounds", "2", "--steps", "2")
+    args = (*args, "--warmup", "1")
     proc = run_script("bench_step.py", *args, "--compare", compare, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^([\w-]+) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M)

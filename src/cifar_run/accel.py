@@ -18,6 +18,7 @@ from torch import nn
 from cifar_run.constants import PRECISIONS
 from cifar_run.conv_grad import use_tap_weight_grads
 from cifar_run.errors import UserError
+from cifar_run.split import BatchSplit, suits
 
 
 def set_threads(threads: int | None) -> int:
@@ -134,6 +135,23 @@ def small_ops_on_one_thread(model: nn.Module, device: torch.device) -> bool:
     return True
 
 
+def batch_split(
+    model: nn.Module, device: torch.device, precision: Precision, compile: bool = False
+) -> BatchSplit | None:
+    """Halves of each training batch on two threads (cifar_run.split) where they suit: on
+    the CPU with several threads, for a model `split.suits` (no BatchNorm, dropout or
+    pruning), without a loss scaler (fp16) and not under compile (dynamo and threads).
+
+    On the 2-vCPU guest a LeNet-5 step at batch 64 took 4.2 ms that way against 4.9 with
+    the whole batch and small ops on one thread, and 1.2-1.4x less at batch sizes from 8 to
+    512 (docs/benchmarks.md, "Batch halves on two threads"). None where it does not
+    apply."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or compile or precision.dtype == torch.float16:
+        return None
+    return BatchSplit(threads) if suits(model) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision
 
@@ -240,6 +258,7 @@ class Speed:
     precision: Precision
     scaler: torch.amp.GradScaler | None
     memory_format: torch.memory_format  # of the batches (the weights stay NCHW)
+    split: BatchSplit | None = None  # for train_one_epoch: batch halves on two threads
 
 
 def speed_setup(
@@ -248,18 +267,23 @@ def speed_setup(
     precision: str,
     compile: bool = False,
     op_threads: bool = True,
+    split: bool = True,
 ) -> Speed:
-    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile), run
-    small ops on one thread (CPU, not under compile; `op_threads`), compile if asked and
-    pick the batches' memory format: one call, so run.py and scripts/bench.py train the
-    same way. Keep `model` for state dicts and pruning."""
+    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile), split
+    batches in halves on two threads where that suits the model (`split`) or else run small
+    ops on one thread (CPU, not under compile; `op_threads`), compile if asked and pick the
+    batches' memory format: one call, so run.py and scripts/bench.py train the same way.
+    Keep `model` for state dicts and pruning."""
     resolved = resolve_precision(precision, device)
     tap_conv_grads(model, device, compile=compile)
-    if op_threads and not compile:  # dynamo would trace the hooks' thread switches
+    halves = batch_split(model, device, resolved, compile) if split else None
+    # Not both: the hooks' thread counts are those of a whole batch on every thread.
+    if halves is None and op_threads and not compile:  # dynamo would trace the thread switches
         small_ops_on_one_thread(model, device)
     return Speed(
         net=compiled(model, compile),
         precision=resolved,
         scaler=resolved.scaler(device),
         memory_format=memory_format(model, device),
+        split=halves,
     )

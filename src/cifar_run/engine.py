@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_run.constants import TTA_MODES
+from cifar_run.split import BatchSplit, suits
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,6 +67,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
     after_step: Callable[[], None] | None = None,
+    split: BatchSplit | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
     Labels are class indices (B,) or class probabilities (B, classes), e.g. mixup's.
@@ -76,7 +78,8 @@ def train_one_epoch(
     `grad_clip`: scale the gradients of all parameters together down to at most this L2
     norm before each step (torch.nn.utils.clip_grad_norm_; with a scaler, of the unscaled
     gradients). `after_step` is called after every optimizer step (e.g. a weight average's
-    update).
+    update). `split`: run each batch's forward and backward as two halves on two threads
+    (cifar_run.split; ignored for a model it does not suit and with a scaler).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.
@@ -89,22 +92,27 @@ def train_one_epoch(
     total = len(batches) if isinstance(batches, Sized) else None
     recent = _RecentLosses(check_every, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Looked at once per epoch: the pruning stage fine-tunes, pruned, a model whose dense
+    # epochs ran in halves.
+    if split is not None and (scaler is not None or not suits(model)):
+        split = None
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = model(x)
-            loss = criterion(out, y)
         optimizer.zero_grad(set_to_none=True)
+        if split is not None:
+            loss, out = split.forward_backward(model, criterion, x, y, autocast=autocast)
+        else:
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                out = model(x)
+                loss = criterion(out, y)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip what the step will apply, not the scaled
+            nn.utils.clip_grad_norm_(params, grad_clip)
         if scaler is None:
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
         else:
-            scaler.scale(loss).backward()
-            if grad_clip is not None:
-                scaler.unscale_(optimizer)  # clip what the step will apply, not the scaled
-                nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
         if after_step is not None:

@@ -44,6 +44,7 @@ from cifar_run.pruning import (
     sparsity_table,
     step_targets,
 )
+from cifar_run.split import BatchSplit
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class StageData:
     autocast: torch.dtype | None = None  # the run's precision, so dense and pruned rows compare
     tta: str = "none"  # and its test-time augmentation
     grad_clip: float | None = None  # max L2 norm of the gradients per step (optim.grad_clip)
+    split: BatchSplit | None = None  # batch halves on two threads (accel.batch_split)
 
     def evaluate(
         self, model: nn.Module, batches: Batches, num_classes: int | None = None
@@ -143,6 +145,7 @@ class StageData:
             scaler=scaler,
             grad_clip=self.grad_clip,
             after_step=after_step,
+            split=self.split,
         )
         return train, self.evaluate(model if eval_model is None else eval_model, self.val)
 

@@ -305,6 +305,7 @@ def _train(
         autocast=precision.dtype,
         tta=cfg.tta,
         grad_clip=cfg.optim.get("grad_clip"),
+        split=speed.split,
     )
 
     # Every random stream an epoch draws from, saved and restored with the checkpoint.

@@ -1,0 +1,194 @@
+"""Batch halves on two threads (cifar_run.split): the same gradients as the whole batch,
+the same run twice, and only for models where halves are valid."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from cifar_run import accel
+from cifar_run.engine import train_one_epoch
+from cifar_run.models import build_model
+from cifar_run.models.lenet import LeNet5
+from cifar_run.split import BatchSplit, suits
+
+from .conftest import compose_cfg
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("n", [64, 63, 2, 1])
+def test_halves_give_the_loss_outputs_and_gradients_of_the_whole_batch(
+    n: int, two_threads: None
+) -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    x, y = _batch(n)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    whole = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    split = BatchSplit(2)
+    loss2, out2 = split.forward_backward(model, F.cross_entropy, x, y)
+    split.close()
+    assert out2.shape == out.shape and not out2.requires_grad
+    torch.testing.assert_close(out2, out.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss2, loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(model), whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_add_to_what_is_there_as_backward_does(two_threads: None) -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    x, y = _batch(16)
+    split = BatchSplit(2)
+    split.forward_backward(model, F.cross_entropy, x, y)
+    once = _grads(model)
+    split.forward_backward(model, F.cross_entropy, x, y)
+    for a, b in zip(_grads(model), once, strict=True):
+        torch.testing.assert_close(a, 2 * b)
+
+
+def test_halves_run_on_two_threads_with_one_cpu_thread_each(two_threads: None) -> None:
+    seen: set[tuple[int, int]] = set()
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.add((threading.get_ident(), torch.get_num_threads()))
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Probe(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 3, 32, 32))  # materialise the lazy layer
+    seen.clear()
+    split = BatchSplit(2)
+    split.forward_backward(model, F.cross_entropy, *_batch(8))
+    assert len({ident for ident, _ in seen}) == 2  # the caller and the helper
+    assert {threads for _, threads in seen} == {1}
+    assert torch.get_num_threads() == 2  # the caller's count comes back
+
+
+def test_helper_takes_autocast_too(two_threads: None) -> None:
+    model = LeNet5()
+    split = BatchSplit(2)
+    _, out = split.forward_backward(model, F.cross_entropy, *_batch(8), autocast=torch.bfloat16)
+    assert out.dtype == torch.bfloat16  # both halves: torch.cat would promote a mixed pair
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_an_error_in_the_helper_reaches_the_caller_and_threads_come_back(
+    two_threads: None,
+) -> None:
+    class FailsOnSecondHalf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("boom in the helper")
+            return x.flatten(1)[:, :10] * self.w
+
+    split = BatchSplit(2)
+    with pytest.raises(RuntimeError, match="boom in the helper"):
+        split.forward_backward(FailsOnSecondHalf(), F.cross_entropy, *_batch(8))
+    assert torch.get_num_threads() == 2
+
+
+def _train(split: BatchSplit | None, steps: int = 4) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = LeNet5()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = [_batch(32, seed) for seed in range(steps)]
+    stats = train_one_epoch(
+        model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split
+    )
+    assert stats.images == 32 * steps
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_with_halves_repeats_bit_for_bit_and_follows_the_whole_batch(
+    two_threads: None,
+) -> None:
+    first, second = _train(BatchSplit(2)), _train(BatchSplit(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    whole = _train(None)
+    for a, b in zip(first, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_halves_suit_models_that_treat_each_image_alone() -> None:
+    assert suits(LeNet5())
+    assert not suits(build_model(compose_cfg(["model=resnet20"]).model))  # BatchNorm
+    assert not suits(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)))
+    assert not suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2)))
+    assert suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0)))
+    pruned = LeNet5()
+    prune.l1_unstructured(pruned.features[0], "weight", amount=0.5)
+    assert not suits(pruned)  # its hooks write the weight onto the shared module
+
+
+def test_an_epoch_of_a_pruned_model_runs_whole_though_given_halves(two_threads: None) -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    prune.l1_unstructured(model.features[0], "weight", amount=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    split = BatchSplit(2)
+    calls = []
+    split.forward_backward = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    stats = train_one_epoch(
+        model, [_batch(8)], optimizer, nn.CrossEntropyLoss(), device=CPU, split=split
+    )
+    assert calls == [] and stats.images == 8
+    assert (model.features[0].weight == 0).float().mean() == 0.5  # the mask held
+
+
+def test_speed_setup_splits_where_it_suits_and_keeps_small_op_hooks_elsewhere(
+    two_threads: None,
+) -> None:
+    fp32, fp16 = accel.resolve_precision("fp32", CPU), accel.resolve_precision("fp16", CPU)
+    assert isinstance(accel.batch_split(LeNet5(), CPU, fp32), BatchSplit)
+    assert accel.batch_split(LeNet5(), CPU, fp16) is None  # its grad scaler
+    assert accel.batch_split(LeNet5(), CPU, fp32, compile=True) is None
+    assert accel.batch_split(LeNet5(), torch.device("cuda"), fp32) is None
+    resnet = build_model(compose_cfg(["model=resnet20"]).model)
+    assert accel.batch_split(resnet, CPU, fp32) is None
+
+    lenet = LeNet5()
+    speed = accel.speed_setup(lenet, CPU, "fp32")
+    assert speed.split is not None and not lenet._forward_pre_hooks  # no thread hooks
+    speed = accel.speed_setup(resnet, CPU, "fp32")
+    assert speed.split is None and resnet._forward_pre_hooks  # small ops on one thread
+    lenet = LeNet5()
+    speed = accel.speed_setup(lenet, CPU, "fp32", split=False)
+    assert speed.split is None and lenet._forward_pre_hooks
+    torch.set_num_threads(1)
+    assert accel.batch_split(LeNet5(), CPU, fp32) is None  # nothing to split across
