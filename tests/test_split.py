@@ -3,6 +3,7 @@ the same run twice, and only for models where halves are valid."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from cifar_run.engine import train_one_epoch
 from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.split import BatchSplit, suits
+from cifar_run.split_bn import HalvesBatchNorm2d
 
 from .conftest import compose_cfg
 
@@ -145,9 +147,12 @@ def test_training_with_halves_repeats_bit_for_bit_and_follows_the_whole_batch(
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_halves_suit_models_that_treat_each_image_alone() -> None:
+def test_halves_suit_models_without_randomness_or_per_call_state() -> None:
     assert suits(LeNet5())
-    assert not suits(build_model(compose_cfg(["model=resnet20"]).model))  # BatchNorm
+    resnet = build_model(compose_cfg(["model=resnet20"]).model)
+    assert suits(resnet)  # its BatchNorms share their statistics between the halves
+    assert not suits(resnet, autocast=torch.bfloat16)  # those statistics are fp32 only
+    assert not suits(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     assert not suits(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)))
     assert not suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2)))
     assert suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0)))
@@ -180,15 +185,141 @@ def test_speed_setup_splits_where_it_suits_and_keeps_small_op_hooks_elsewhere(
     assert accel.batch_split(LeNet5(), CPU, fp32, compile=True) is None
     assert accel.batch_split(LeNet5(), torch.device("cuda"), fp32) is None
     resnet = build_model(compose_cfg(["model=resnet20"]).model)
-    assert accel.batch_split(resnet, CPU, fp32) is None
+    assert isinstance(accel.batch_split(resnet, CPU, fp32), BatchSplit)
+    bf16 = accel.resolve_precision("bf16", CPU)
+    assert accel.batch_split(resnet, CPU, bf16) is None  # BatchNorm under autocast
 
     lenet = LeNet5()
     speed = accel.speed_setup(lenet, CPU, "fp32")
     assert speed.split is not None and not lenet._forward_pre_hooks  # no thread hooks
-    speed = accel.speed_setup(resnet, CPU, "fp32")
+    speed = accel.speed_setup(resnet, CPU, "bf16")
     assert speed.split is None and resnet._forward_pre_hooks  # small ops on one thread
     lenet = LeNet5()
     speed = accel.speed_setup(lenet, CPU, "fp32", split=False)
     assert speed.split is None and lenet._forward_pre_hooks
     torch.set_num_threads(1)
     assert accel.batch_split(LeNet5(), CPU, fp32) is None  # nothing to split across
+
+
+class _Normed(nn.Module):
+    """BatchNorm2d in its variants: momentum None (a cumulative average), no affine
+    parameters, no running statistics, and one module called twice in a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8, momentum=None)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.bn2 = nn.BatchNorm2d(8, affine=False)
+        self.bn3 = nn.BatchNorm2d(8, track_running_stats=False)
+        self.shared = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(torch.relu(self.bn1(self.conv1(x))))
+        x = self.bn3(torch.relu(self.bn2(self.conv2(x))))
+        x = self.shared(x) * 0.5 + x
+        return self.fc(x.mean((2, 3)))
+
+
+def _step_both_ways(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    whole = copy.deepcopy(model)
+    out = whole(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    halves = copy.deepcopy(model)
+    split = BatchSplit(2)
+    assert split.prepare(halves)
+    loss2, out2 = split.forward_backward(halves, F.cross_entropy, x, y)
+    return (whole, out.detach(), loss.detach()), (halves, out2, loss2)
+
+
+@pytest.mark.parametrize("n", [16, 15, 2])
+def test_batchnorm_over_halves_is_batchnorm_over_the_batch(n: int, two_threads: None) -> None:
+    torch.manual_seed(0)
+    model = _Normed().double()
+    x = torch.randn(n, 3, 12, 12, dtype=torch.float64) * 2 + 1
+    y = torch.randint(0, 10, (n,))
+    for _ in range(2):  # the second step meets running statistics the first one moved
+        (whole, out, loss), (halves, out2, loss2) = _step_both_ways(model, x, y)
+        # In float64 the only difference is the order of a few sums.
+        torch.testing.assert_close(out2, out, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(loss2, loss, rtol=1e-10, atol=1e-12)
+        for (name, a), b in zip(whole.named_parameters(), halves.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-12, msg=name)
+        for (name, a), b in zip(whole.named_buffers(), halves.buffers(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+        model = whole
+    assert int(halves.bn1.num_batches_tracked) == 2  # counted once per step, not per half
+    assert int(halves.shared.num_batches_tracked) == 4  # twice per step, as BatchNorm2d does
+
+
+def test_batchnorm_over_halves_on_channels_last_fp32_batches(two_threads: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(compose_cfg(["model=cnn"]).model)  # Conv-BN-ReLU blocks
+    x, y = _batch(32)
+    (whole, out, _), (halves, out2, _) = _step_both_ways(model, x, y)
+    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), halves.parameters(), strict=True):
+        # Each gradient against its own scale: a conv bias before a BatchNorm has none.
+        scale = max(float(a.grad.abs().max()), 1e-3)
+        torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=0, atol=1e-4, msg=name)
+    for (name, a), b in zip(whole.named_buffers(), halves.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_prepared_batchnorms_keep_their_state_and_behave_as_before_outside_a_step() -> None:
+    torch.manual_seed(0)
+    model = _Normed()
+    before = copy.deepcopy(model)
+    BatchSplit(2).prepare(model)
+    assert isinstance(model.bn1, HalvesBatchNorm2d) and isinstance(model.bn1, nn.BatchNorm2d)
+    assert list(model.state_dict()) == list(before.state_dict())
+    x = torch.randn(6, 3, 12, 12)
+    torch.testing.assert_close(model(x), before(x), rtol=0, atol=0)  # training, whole batch
+    torch.testing.assert_close(model.eval()(x), before.eval()(x), rtol=0, atol=0)
+
+
+def test_an_error_in_one_half_releases_the_other_waiting_at_a_batchnorm(two_threads: None) -> None:
+    class FailsBeforeBatchNorm(_Normed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread() is not threading.main_thread():
+                raise ValueError("boom before the first BatchNorm")
+            return super().forward(x)
+
+    model = FailsBeforeBatchNorm()
+    split = BatchSplit(2)
+    assert split.prepare(model)
+    # The calling thread waits at bn1 for a half that never comes: it is released at once
+    # and the helper's own error is the one raised.
+    with pytest.raises(ValueError, match="boom before the first BatchNorm"):
+        split.forward_backward(
+            model, F.cross_entropy, torch.randn(8, 3, 12, 12), torch.zeros(8, dtype=torch.long)
+        )
+    assert torch.get_num_threads() == 2
+    loss, _ = split.forward_backward(_prepared(split), F.cross_entropy, *_small_batch())
+    assert torch.isfinite(loss)  # the next step runs as usual
+
+
+def _prepared(split: BatchSplit) -> nn.Module:
+    model = _Normed()
+    assert split.prepare(model)
+    return model
+
+
+def _small_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
+
+
+def test_training_a_batchnorm_net_in_halves_repeats_bit_for_bit(two_threads: None) -> None:
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(compose_cfg(["model=resnet20"]).model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        batches = [_batch(16, seed) for seed in range(3)]
+        split = BatchSplit(2)
+        train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split)
+        return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+    first, second = train(), train()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

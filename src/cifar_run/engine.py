@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_run.constants import TTA_MODES
-from cifar_run.split import BatchSplit, suits
+from cifar_run.split import BatchSplit
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +94,7 @@ def train_one_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # Looked at once per epoch: the pruning stage fine-tunes, pruned, a model whose dense
     # epochs ran in halves.
-    if split is not None and (scaler is not None or not suits(model)):
+    if split is not None and (scaler is not None or not split.prepare(model, autocast)):
         split = None
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it

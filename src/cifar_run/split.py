@@ -11,10 +11,11 @@ thread that asks for it. A LeNet-5 step at batch 64 went from 4.9 to 4.2 ms
 The gradient is the whole batch's: each half's loss is weighted by its share of the batch,
 and the second half's gradients are added to the first's after both are done, in that fixed
 order, so that a run repeats bit for bit (the sum differs from the whole batch's only in
-rounding). What makes this valid is that the model treats each image on its own and
-draws nothing at random: `suits` refuses BatchNorm (statistics over the batch, running
-statistics updated by both threads), instance norm, dropout and torch's pruning
-reparametrisation (its forward pre-hooks set the weight on the shared module).
+rounding). BatchNorm layers swap their statistics between the halves (cifar_run.split_bn),
+so that each normalizes with the whole batch's. What else makes halves valid is that the
+model draws nothing at random and keeps no per-call state: `suits` refuses other norm
+layers, dropout, torch's pruning reparametrisation (its forward pre-hooks set the weight on
+the shared module) and BatchNorm under autocast (its statistics are taken in fp32 only).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import prune
 
+from cifar_run.split_bn import HalfStopped, Swap, set_half, share_batchnorm
+
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def suits(model: nn.Module) -> bool:
-    """Whether halves of a batch give `model` the gradient of the whole batch: no module
-    that looks across the batch (BatchNorm, instance norm), draws random numbers (dropout
-    with p > 0) or is pruned (torch.nn.utils.prune, whose hooks write to the module)."""
+def suits(model: nn.Module, autocast: torch.dtype | None = None) -> bool:
+    """Whether halves of a batch give `model` the gradient of the whole batch: no norm
+    layer but BatchNorm2d (and that only without `autocast`), no dropout with p > 0, not
+    pruned (torch.nn.utils.prune, whose hooks write to the module)."""
     for module in model.modules():
         if isinstance(module, _NormBase):
-            return False
+            if not isinstance(module, nn.BatchNorm2d) or autocast is not None:
+                return False
         if isinstance(module, _DropoutNd) and module.p > 0:
             return False
     return not prune.is_pruned(model)
@@ -61,6 +65,15 @@ class BatchSplit:
         )
         self._helper.submit(int).result()
 
+    def prepare(self, model: nn.Module, autocast: torch.dtype | None = None) -> bool:
+        """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d modules
+        are made to share their statistics between the halves (split_bn.share_batchnorm,
+        in place; outside a split step they behave as before)."""
+        if not suits(model, autocast):
+            return False
+        share_batchnorm(model)
+        return True
+
     def forward_backward(
         self,
         model: nn.Module,
@@ -73,23 +86,30 @@ class BatchSplit:
         """Forward and backward of `criterion(model(x), y)` (a mean over the batch), the
         gradients left in the parameters' `.grad` as `loss.backward()` would leave them
         (added to what is there). Returns the batch's loss and the model's outputs, both
-        detached. A batch of one image runs whole on the calling thread."""
+        detached. A batch of one image runs whole on the calling thread. The model must be
+        `prepare`d."""
         n = x.shape[0]
         if n < 2:
-            return _piece(model, criterion, x, y, 1.0, autocast, None)
+            return _piece(model, criterion, x, y, 1.0, autocast, None, None, 0)
         half = (n + 1) // 2
         params = [p for p in model.parameters() if p.requires_grad]
+        swap = Swap()
+        first = (model, criterion, x[:half], y[:half], half / n, autocast, None, swap, 0)
+        second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, swap, 1)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.main_threads)  # while the helper is idle, as above
-        second = self._helper.submit(
-            _piece, model, criterion, x[half:], y[half:], (n - half) / n, autocast, params
-        )
+        helper = self._helper.submit(_piece, *second)
         try:
-            loss, out = _piece(model, criterion, x[:half], y[:half], half / n, autocast, None)
-            loss2, out2, grads = second.result()
+            try:
+                loss, out = _piece(*first)
+            except HalfStopped:
+                wait([helper])
+                helper.result()  # the helper's own error: it stopped first
+                raise
+            loss2, out2, grads = helper.result()
         finally:
             # Never leave the helper running on the model past an error in this thread.
-            wait([second])
+            wait([helper])
             torch.set_num_threads(threads)
         for p, g in zip(params, grads, strict=True):
             if g is None:
@@ -112,15 +132,26 @@ def _piece(
     share: float,
     autocast: torch.dtype | None,
     params: list[torch.Tensor] | None,
+    swap: Swap | None,
+    rank: int,
 ) -> tuple:
     """Loss of one slice of the batch, weighted by its share; its gradients go into `.grad`
-    (params None) or are returned for `params`."""
-    # autocast is per thread: the helper enters it itself.
-    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-        out = model(x)
-        loss = criterion(out, y) * share
-    if params is None:
-        loss.backward()
-        return loss.detach(), out.detach()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), out.detach(), grads
+    (params None) or are returned for `params`. `swap`: what it shares with the other
+    half (BatchNorm statistics); None for a batch run whole."""
+    set_half(swap, rank)
+    try:
+        # autocast is per thread: the helper enters it itself.
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+            loss = criterion(out, y) * share
+        if params is None:
+            loss.backward()
+            return loss.detach(), out.detach()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), out.detach(), grads
+    except BaseException:
+        if swap is not None:
+            swap.abort()  # the other half may be waiting for this one at a BatchNorm
+        raise
+    finally:
+        set_half(None)

@@ -1,0 +1,163 @@
+"""BatchNorm over the whole batch while its two halves run on two threads (cifar_run.split).
+
+Each half computes its per-channel mean and variance, the two threads swap them and both
+normalize with the statistics of the whole batch; in the backward pass they swap the
+per-channel sums the input gradient needs (of the output gradient, and of it times the
+normalized input) the same way. The result is BatchNorm's, forward and backward, to fp32
+rounding; the running statistics are updated once, by the calling thread, from the whole
+batch's. Without the swap each half would normalize with its own statistics: another model.
+
+`share_batchnorm` gives a model's BatchNorm2d modules this behaviour by changing their
+class to HalvesBatchNorm2d, a subclass: the modules keep their parameters (which the
+optimizer already holds), buffers and state-dict keys, and outside a split step (evaluation,
+a whole batch) they run BatchNorm2d's own forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+# How long one half waits for the other at a BatchNorm before giving up: both run the same
+# layers at the same time, so only a half that never arrives (an error, a model whose two
+# halves take different paths) gets near it.
+WAIT_SECONDS = 300.0
+
+_CHANNEL = (1, -1, 1, 1)  # a per-channel vector broadcast over (N, C, H, W)
+_local = threading.local()  # the (Swap, rank) of the half this thread runs, if any
+
+
+class Swap:
+    """Values two threads exchange during one split step, one exchange per BatchNorm call
+    and pass: each puts its value in, waits for the other, and both read the pair."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[threading.Barrier, list]] = {}
+        self._lock = threading.Lock()
+        self._calls = (Counter(), Counter())  # per rank: calls so far of each (layer, pass)
+        self._stopped = False
+
+    def __call__(self, rank: int, key: tuple, value: Any) -> tuple[Any, Any]:
+        # Numbered per thread, so that a module called twice in one pass pairs up call by call.
+        self._calls[rank][key] += 1
+        key = (*key, self._calls[rank][key])
+        with self._lock:
+            if self._stopped:  # the other half stopped before this layer's barrier existed
+                raise HalfStopped("batch halves: the other half stopped before a BatchNorm")
+            barrier, slots = self._entries.setdefault(
+                key, (threading.Barrier(2, timeout=WAIT_SECONDS), [None, None])
+            )
+        slots[rank] = value
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            raise HalfStopped("batch halves: the other half stopped before a BatchNorm") from None
+        return slots[0], slots[1]
+
+    def abort(self) -> None:
+        """Release a thread waiting for a half that failed."""
+        with self._lock:
+            self._stopped = True
+            for barrier, _ in self._entries.values():
+                barrier.abort()
+
+
+class HalfStopped(RuntimeError):
+    """The other half of the step stopped (an error) before a BatchNorm layer this one
+    waited at, or did not reach it within WAIT_SECONDS."""
+
+
+def set_half(swap: Swap | None, rank: int = 0) -> None:
+    """Mark the calling thread as running half `rank` of a split step (None: no longer)."""
+    _local.half = None if swap is None else (swap, rank)
+
+
+class _WholeBatchNorm(torch.autograd.Function):
+    """BatchNorm of one half with the whole batch's statistics, and its exact gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        bn: nn.BatchNorm2d,
+        swap: Swap,
+        rank: int,
+    ) -> torch.Tensor:
+        # torch's own per-channel statistics kernel (the one its BatchNorm uses; var_mean
+        # took 10x as long on channels_last batches).
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        count = x.numel() // x.shape[1]
+        (n0, m0, v0), (n1, m1, v1) = swap(rank, (id(bn), "forward"), (count, mean, var))
+        n = n0 + n1
+        delta = m1 - m0  # Chan et al.'s pairwise merge of two halves' mean and variance
+        mean = m0 + delta * (n1 / n)
+        var = (v0 * n0 + v1 * n1 + delta * delta * (n0 * n1 / n)) / n
+        if rank == 0 and bn.running_mean is not None:
+            _update_running_stats(bn, mean, var, n)
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, bn.eps, False)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + bn.eps))
+        ctx.bn, ctx.swap, ctx.rank, ctx.n = bn, swap, rank, n
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, weight, mean, invstd = ctx.saved_tensors
+        # This half's sums of grad * normalized input and of grad: its weight and bias
+        # gradients, and its share of the sums the input gradient takes over the batch.
+        _, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [False, True, True]
+        )
+        (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+        scale = invstd if weight is None else weight * invstd
+        # dx = scale * (grad - sum(grad) / n - xhat * sum(grad * xhat) / n), xhat the
+        # normalized input, taken as x - mean to keep the subtraction exact.
+        slope = -scale * invstd * (dw0 + dw1) / ctx.n
+        offset = -scale * (db0 + db1) / ctx.n
+        centred = x - mean.view(_CHANNEL)
+        dx = torch.addcmul(offset.view(_CHANNEL), slope.view(_CHANNEL), centred, out=centred)
+        dx.addcmul_(scale.view(_CHANNEL), grad)
+        if weight is None:
+            return dx, None, None, None, None, None
+        return dx, dw, db, None, None, None
+
+
+@torch.no_grad()
+def _update_running_stats(
+    bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int
+) -> None:
+    """As BatchNorm2d's training forward does: momentum, or a cumulative average when
+    momentum is None; the running variance unbiased."""
+    factor = bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if factor is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean, factor)
+    bn.running_var.lerp_(var * (n / max(n - 1, 1)), factor)
+
+
+class HalvesBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in a split step's half, normalizes with the whole batch's
+    statistics; anywhere else, BatchNorm2d itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = getattr(_local, "half", None)
+        if half is None or not self.training:
+            return super().forward(x)
+        return _WholeBatchNorm.apply(x, self.weight, self.bias, self, *half)
+
+
+def share_batchnorm(model: nn.Module) -> int:
+    """Make `model`'s BatchNorm2d modules HalvesBatchNorm2d, in place; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = HalvesBatchNorm2d
+            count += 1
+    return count
