@@ -17,10 +17,11 @@ from cifar_run import accel
 from cifar_run.engine import train_one_epoch
 from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
+from cifar_run.run import run
 from cifar_run.split import BatchSplit, suits
 from cifar_run.split_bn import HalvesBatchNorm2d
 
-from .conftest import compose_cfg
+from .conftest import TINY, compose_cfg
 
 CPU = torch.device("cpu")
 
@@ -323,3 +324,9 @@ def test_training_a_batchnorm_net_in_halves_repeats_bit_for_bit(two_threads: Non
 
     first, second = train(), train()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_results_say_whether_a_run_trained_in_halves(two_threads: None) -> None:
+    assert run(compose_cfg([*TINY, "threads=2"]), None)["batch_halves"] is True
+    assert run(compose_cfg([*TINY, "threads=1"]), None)["batch_halves"] is False
+    assert run(compose_cfg([*TINY, "threads=2", "model=cnn7"]), None)["batch_halves"] is False

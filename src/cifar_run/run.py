@@ -270,10 +270,11 @@ def _train(
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
     net, precision, scaler = speed.net, speed.precision, speed.scaler  # `model`: save, prune
     log.info(
-        "precision %s, %d CPU threads, compile %s",
+        "precision %s, %d CPU threads, compile %s, batches in halves %s",
         precision.name,
         torch.get_num_threads(),
         cfg.compile,
+        speed.split is not None,
     )
     norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
     mix = build_mix(cfg.get("mix"), num_classes=len(splits.classes))
@@ -442,6 +443,7 @@ def _train(
         "epochs_run": loop.epoch,
         "stopped_early": loop.epoch < cfg.epochs,
         "test_class_acc": class_acc,
+        "batch_halves": speed.split is not None,
     }
     if not (settings.enabled or settings.curve):
         return results
