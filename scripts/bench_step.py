@@ -125,7 +125,9 @@ def main() -> None:
             op_threads=name != "ops-every-thread",
             split=name == "halves",
         )
-        if name == "halves" and speed.split is None:
+        if name == "halves" and not (
+            speed.split and speed.split.prepare(model, speed.precision.dtype)
+        ):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":

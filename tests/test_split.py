@@ -19,7 +19,7 @@ from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 from cifar_run.split import BatchSplit, suits
-from cifar_run.split_bn import HalvesBatchNorm2d
+from cifar_run.split_modules import HalvesBatchNorm2d, HalvesDropout2d
 
 from .conftest import TINY, compose_cfg
 
@@ -60,6 +60,7 @@ def test_halves_give_the_loss_outputs_and_gradients_of_the_whole_batch(
     model.zero_grad(set_to_none=True)
 
     split = BatchSplit(2)
+    assert split.prepare(model)
     loss2, out2 = split.forward_backward(model, F.cross_entropy, x, y)
     split.close()
     assert out2.shape == out.shape and not out2.requires_grad
@@ -74,6 +75,7 @@ def test_gradients_add_to_what_is_there_as_backward_does(two_threads: None) -> N
     model = LeNet5()
     x, y = _batch(16)
     split = BatchSplit(2)
+    assert split.prepare(model)
     split.forward_backward(model, F.cross_entropy, x, y)
     once = _grads(model)
     split.forward_backward(model, F.cross_entropy, x, y)
@@ -93,6 +95,7 @@ def test_halves_run_on_two_threads_with_one_cpu_thread_each(two_threads: None) -
     model(torch.randn(2, 3, 32, 32))  # materialise the lazy layer
     seen.clear()
     split = BatchSplit(2)
+    assert split.prepare(model)
     split.forward_backward(model, F.cross_entropy, *_batch(8))
     assert len({ident for ident, _ in seen}) == 2  # the caller and the helper
     assert {threads for _, threads in seen} == {1}
@@ -102,6 +105,7 @@ def test_halves_run_on_two_threads_with_one_cpu_thread_each(two_threads: None) -
 def test_helper_takes_autocast_too(two_threads: None) -> None:
     model = LeNet5()
     split = BatchSplit(2)
+    assert split.prepare(model, autocast=torch.bfloat16)
     _, out = split.forward_backward(model, F.cross_entropy, *_batch(8), autocast=torch.bfloat16)
     assert out.dtype == torch.bfloat16  # both halves: torch.cat would promote a mixed pair
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
@@ -121,8 +125,10 @@ def test_an_error_in_the_helper_reaches_the_caller_and_threads_come_back(
             return x.flatten(1)[:, :10] * self.w
 
     split = BatchSplit(2)
+    model = FailsOnSecondHalf()
+    assert split.prepare(model)
     with pytest.raises(RuntimeError, match="boom in the helper"):
-        split.forward_backward(FailsOnSecondHalf(), F.cross_entropy, *_batch(8))
+        split.forward_backward(model, F.cross_entropy, *_batch(8))
     assert torch.get_num_threads() == 2
 
 
@@ -155,8 +161,9 @@ def test_halves_suit_models_without_randomness_or_per_call_state() -> None:
     assert not suits(resnet, autocast=torch.bfloat16)  # those statistics are fp32 only
     assert not suits(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     assert not suits(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)))
-    assert not suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2)))
-    assert suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0)))
+    assert suits(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2)))  # a generator per half
+    assert not suits(nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(0.2)))
+    assert suits(nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(0.0)))  # draws nothing
     pruned = LeNet5()
     prune.l1_unstructured(pruned.features[0], "weight", amount=0.5)
     assert not suits(pruned)  # its hooks write the weight onto the shared module
@@ -329,4 +336,74 @@ def test_training_a_batchnorm_net_in_halves_repeats_bit_for_bit(two_threads: Non
 def test_results_say_whether_a_run_trained_in_halves(two_threads: None) -> None:
     assert run(compose_cfg([*TINY, "threads=2"]), None)["batch_halves"] is True
     assert run(compose_cfg([*TINY, "threads=1"]), None)["batch_halves"] is False
-    assert run(compose_cfg([*TINY, "threads=2", "model=cnn7"]), None)["batch_halves"] is False
+    assert run(compose_cfg([*TINY, "threads=2", "precision=bf16"]), None)["batch_halves"] is True
+    bf16_bn = [*TINY, "threads=2", "precision=bf16", "model=cnn"]
+    assert run(compose_cfg(bf16_bn), None)["batch_halves"] is False  # BatchNorm under autocast
+
+
+class _Dropping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.drop2d = nn.Dropout2d(0.5)
+        self.fc = nn.Linear(16, 10)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.drop2d(torch.relu(self.conv(x))).mean((2, 3))))
+
+
+def test_dropout_in_halves_draws_per_half_and_repeats(two_threads: None) -> None:
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = _Dropping()
+        split = BatchSplit(2)
+        assert split.prepare(model)
+        assert isinstance(model.drop2d, HalvesDropout2d)
+        _, out = split.forward_backward(model, F.cross_entropy, *_batch(64))
+        return out, [p.grad for p in model.parameters()]
+
+    (out, grads), (out2, grads2) = step(), step()
+    assert torch.equal(out, out2)  # the same global seed, the same masks in both halves
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+
+
+def test_dropout_masks_in_halves_drop_their_share_and_dropout2d_whole_channels(
+    two_threads: None,
+) -> None:
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"drop": [], "drop2d": []}
+    model = _Dropping()
+    for name, seen in calls.items():
+        getattr(model, name).register_forward_hook(
+            lambda m, args, out, seen=seen: seen.append((args[0].detach(), out.detach()))
+        )
+    split = BatchSplit(2)
+    assert split.prepare(model)
+    split.forward_backward(model, F.cross_entropy, *_batch(512))
+    assert [len(seen) for seen in calls.values()] == [2, 2]  # one call per half
+    for name, seen in calls.items():
+        # Kept values are scaled by 1 / (1 - p) = 2, dropped ones are 0.
+        factors = [(out / x)[x != 0] for x, out in seen]
+        assert set(torch.cat(factors).unique().tolist()) == {0.0, 2.0}, name
+        assert 0.4 < torch.cat(factors).eq(0).float().mean() < 0.6, name  # p = 0.5
+    # Dropout2d drops whole channels: one factor per (image, channel).
+    (x, out), (x2, out2) = calls["drop2d"]
+    factor = torch.where(x != 0, out / x, torch.nan).nan_to_num(nan=-1.0).amax((2, 3))
+    ratio = torch.where(x != 0, out / x, torch.tensor(9.0)).amin((2, 3))
+    assert torch.equal(factor[factor >= 0], ratio[factor >= 0])
+    # Each half has its own generator: the two halves' masks differ.
+    assert not torch.equal(out.eq(0), out2.eq(0))
+
+
+def test_halves_draw_from_the_global_generator_only_for_dropout(two_threads: None) -> None:
+    for model, draws in ((LeNet5(), False), (_Dropping(), True)):
+        split = BatchSplit(2)
+        assert split.prepare(model)
+        before = torch.get_rng_state()
+        split.forward_backward(model, F.cross_entropy, *_batch(8))
+        assert torch.equal(torch.get_rng_state(), before) is not draws
+
+
+def test_an_unprepared_model_is_refused(two_threads: None) -> None:
+    with pytest.raises(ValueError, match="prepare"):
+        BatchSplit(2).forward_backward(LeNet5(), F.cross_entropy, *_batch(8))

@@ -11,15 +11,17 @@ thread that asks for it. A LeNet-5 step at batch 64 went from 4.9 to 4.2 ms
 The gradient is the whole batch's: each half's loss is weighted by its share of the batch,
 and the second half's gradients are added to the first's after both are done, in that fixed
 order, so that a run repeats bit for bit (the sum differs from the whole batch's only in
-rounding). BatchNorm layers swap their statistics between the halves (cifar_run.split_bn),
-so that each normalizes with the whole batch's. What else makes halves valid is that the
-model draws nothing at random and keeps no per-call state: `suits` refuses other norm
-layers, dropout, torch's pruning reparametrisation (its forward pre-hooks set the weight on
-the shared module) and BatchNorm under autocast (its statistics are taken in fp32 only).
+rounding). BatchNorm layers swap their statistics between the halves, so that each
+normalizes with the whole batch's, and dropout draws from a generator per half
+(cifar_run.split_modules). What else makes halves valid is that the model keeps no other
+per-call state: `suits` refuses other norm and dropout layers, torch's pruning
+reparametrisation (its forward pre-hooks set the weight on the shared module) and BatchNorm
+under autocast (its statistics are taken in fp32 only).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -29,21 +31,22 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import prune
 
-from cifar_run.split_bn import HalfStopped, Swap, set_half, share_batchnorm
+from cifar_run.split_modules import RANDOM, Half, HalfStopped, Swap, for_halves, set_half
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def suits(model: nn.Module, autocast: torch.dtype | None = None) -> bool:
     """Whether halves of a batch give `model` the gradient of the whole batch: no norm
-    layer but BatchNorm2d (and that only without `autocast`), no dropout with p > 0, not
-    pruned (torch.nn.utils.prune, whose hooks write to the module)."""
+    layer but BatchNorm2d (and that only without `autocast`), no dropout but Dropout and
+    Dropout2d, not pruned (torch.nn.utils.prune, whose hooks write to the module)."""
     for module in model.modules():
         if isinstance(module, _NormBase):
             if not isinstance(module, nn.BatchNorm2d) or autocast is not None:
                 return False
         if isinstance(module, _DropoutNd) and module.p > 0:
-            return False
+            if not isinstance(module, nn.Dropout | nn.Dropout2d):
+                return False
     return not prune.is_pruned(model)
 
 
@@ -64,14 +67,17 @@ class BatchSplit:
             initargs=(self.helper_threads,),
         )
         self._helper.submit(int).result()
+        # Prepared models, and whether each draws random numbers (dropout).
+        self._draws: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def prepare(self, model: nn.Module, autocast: torch.dtype | None = None) -> bool:
-        """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d modules
-        are made to share their statistics between the halves (split_bn.share_batchnorm,
-        in place; outside a split step they behave as before)."""
+        """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d and
+        dropout modules get their split-step behaviour (split_modules.for_halves, in place;
+        outside a split step they behave as before)."""
         if not suits(model, autocast):
             return False
-        share_batchnorm(model)
+        for_halves(model)
+        self._draws[model] = any(isinstance(m, RANDOM) for m in model.modules())
         return True
 
     def forward_backward(
@@ -88,14 +94,22 @@ class BatchSplit:
         (added to what is there). Returns the batch's loss and the model's outputs, both
         detached. A batch of one image runs whole on the calling thread. The model must be
         `prepare`d."""
+        if model not in self._draws:
+            raise ValueError("BatchSplit.forward_backward: prepare(model) first")
         n = x.shape[0]
         if n < 2:
-            return _piece(model, criterion, x, y, 1.0, autocast, None, None, 0)
+            return _piece(model, criterion, x, y, 1.0, autocast, None, None)
         half = (n + 1) // 2
         params = [p for p in model.parameters() if p.requires_grad]
         swap = Swap()
-        first = (model, criterion, x[:half], y[:half], half / n, autocast, None, swap, 0)
-        second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, swap, 1)
+        # Each half's random draws from a generator of its own, seeded here, on the calling
+        # thread, from torch's global one: the same seed gives the same run.
+        seeds = torch.randint(1 << 62, (2,)).tolist() if self._draws[model] else [0, 0]
+        halves = [
+            Half(swap, rank, torch.Generator().manual_seed(s)) for rank, s in enumerate(seeds)
+        ]
+        first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
+        second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, halves[1])
         threads = torch.get_num_threads()
         torch.set_num_threads(self.main_threads)  # while the helper is idle, as above
         helper = self._helper.submit(_piece, *second)
@@ -132,13 +146,12 @@ def _piece(
     share: float,
     autocast: torch.dtype | None,
     params: list[torch.Tensor] | None,
-    swap: Swap | None,
-    rank: int,
+    half: Half | None,
 ) -> tuple:
     """Loss of one slice of the batch, weighted by its share; its gradients go into `.grad`
-    (params None) or are returned for `params`. `swap`: what it shares with the other
-    half (BatchNorm statistics); None for a batch run whole."""
-    set_half(swap, rank)
+    (params None) or are returned for `params`. `half`: which half this is, what it swaps
+    with the other and its generator; None for a batch run whole."""
+    set_half(half)
     try:
         # autocast is per thread: the helper enters it itself.
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
@@ -150,8 +163,8 @@ def _piece(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), out.detach(), grads
     except BaseException:
-        if swap is not None:
-            swap.abort()  # the other half may be waiting for this one at a BatchNorm
+        if half is not None:
+            half.swap.abort()  # the other half may be waiting for this one at a BatchNorm
         raise
     finally:
         set_half(None)

@@ -1,22 +1,28 @@
-"""BatchNorm over the whole batch while its two halves run on two threads (cifar_run.split).
+"""What some modules do differently inside one half of a split step (cifar_run.split).
 
-Each half computes its per-channel mean and variance, the two threads swap them and both
-normalize with the statistics of the whole batch; in the backward pass they swap the
-per-channel sums the input gradient needs (of the output gradient, and of it times the
-normalized input) the same way. The result is BatchNorm's, forward and backward, to fp32
-rounding; the running statistics are updated once, by the calling thread, from the whole
-batch's. Without the swap each half would normalize with its own statistics: another model.
+BatchNorm2d normalizes over the whole batch, not its half: each half computes its
+per-channel mean and variance, the two threads swap them and both normalize with the
+statistics of the whole batch; in the backward pass they swap the per-channel sums the input
+gradient needs (of the output gradient, and of it times the normalized input) the same way.
+The result is BatchNorm's, forward and backward, to rounding; the running statistics are
+updated once, by the calling thread, from the whole batch's. Without the swap each half
+would normalize with its own statistics: another model.
 
-`share_batchnorm` gives a model's BatchNorm2d modules this behaviour by changing their
-class to HalvesBatchNorm2d, a subclass: the modules keep their parameters (which the
-optimizer already holds), buffers and state-dict keys, and outside a split step (evaluation,
-a whole batch) they run BatchNorm2d's own forward.
+Dropout and Dropout2d draw their masks from a generator of their half, seeded from torch's
+global generator by the calling thread before the halves start, so that a run repeats
+(two threads drawing from the one global generator would interleave in any order).
+
+`for_halves` gives a model's modules this behaviour by changing their class to a subclass
+(HalvesBatchNorm2d, HalvesDropout, HalvesDropout2d): the modules keep their parameters
+(which the optimizer already holds), buffers and state-dict keys, and outside a split step
+(evaluation, a whole batch) they run their own class's forward.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +34,7 @@ from torch import nn
 WAIT_SECONDS = 300.0
 
 _CHANNEL = (1, -1, 1, 1)  # a per-channel vector broadcast over (N, C, H, W)
-_local = threading.local()  # the (Swap, rank) of the half this thread runs, if any
+_local = threading.local()  # the Half this thread runs, if any
 
 
 class Swap:
@@ -71,9 +77,22 @@ class HalfStopped(RuntimeError):
     waited at, or did not reach it within WAIT_SECONDS."""
 
 
-def set_half(swap: Swap | None, rank: int = 0) -> None:
-    """Mark the calling thread as running half `rank` of a split step (None: no longer)."""
-    _local.half = None if swap is None else (swap, rank)
+@dataclass(frozen=True)
+class Half:
+    """One half of a split step, as the thread running it sees it."""
+
+    swap: Swap  # what the two halves exchange
+    rank: int  # 0: the calling thread's half, 1: the helper's
+    generator: torch.Generator  # this half's random draws
+
+
+def set_half(half: Half | None) -> None:
+    """Mark the calling thread as running `half` of a split step (None: no longer)."""
+    _local.half = half
+
+
+def _current() -> Half | None:
+    return getattr(_local, "half", None)
 
 
 class _WholeBatchNorm(torch.autograd.Function):
@@ -147,17 +166,60 @@ class HalvesBatchNorm2d(nn.BatchNorm2d):
     statistics; anywhere else, BatchNorm2d itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = getattr(_local, "half", None)
+        half = _current()
         if half is None or not self.training:
             return super().forward(x)
-        return _WholeBatchNorm.apply(x, self.weight, self.bias, self, *half)
+        return _WholeBatchNorm.apply(x, self.weight, self.bias, self, half.swap, half.rank)
 
 
-def share_batchnorm(model: nn.Module) -> int:
-    """Make `model`'s BatchNorm2d modules HalvesBatchNorm2d, in place; returns how many."""
+def _drop(x: torch.Tensor, p: float, mask_shape: tuple[int, ...], inplace: bool) -> torch.Tensor:
+    """x with a random share p of its elements (or channels: `mask_shape`) zeroed and the
+    rest scaled by 1 / (1 - p), as F.dropout does, drawn from the half's generator."""
+    half = _current()
+    keep = torch.empty(mask_shape, dtype=x.dtype, device=x.device)
+    keep.bernoulli_(1.0 - p, generator=half.generator).div_(1.0 - p)
+    return x.mul_(keep) if inplace else x * keep
+
+
+class HalvesDropout(nn.Dropout):
+    """Dropout that, in a split step's half, draws from the half's generator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _current() is None or not self.training or self.p == 0:
+            return super().forward(x)
+        return _drop(x, self.p, tuple(x.shape), self.inplace)
+
+
+class HalvesDropout2d(nn.Dropout2d):
+    """Dropout2d (whole channels) that, in a split step's half, draws from the half's
+    generator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _current() is None or not self.training or self.p == 0:
+            return super().forward(x)
+        # One draw per (image, channel), as F.dropout2d makes for batched input.
+        return _drop(x, self.p, (*x.shape[:2], *(1,) * (x.dim() - 2)), self.inplace)
+
+
+# The modules a split step changes, and what they become.
+FOR_HALVES: dict[type, type] = {
+    nn.BatchNorm2d: HalvesBatchNorm2d,
+    nn.Dropout: HalvesDropout,
+    nn.Dropout2d: HalvesDropout2d,
+}
+
+
+# The modules among them that draw random numbers.
+RANDOM = (HalvesDropout, HalvesDropout2d)
+
+
+def for_halves(model: nn.Module) -> int:
+    """Give `model`'s BatchNorm2d, Dropout and Dropout2d modules their split-step behaviour
+    (FOR_HALVES), in place; returns how many changed."""
     count = 0
     for module in model.modules():
-        if type(module) is nn.BatchNorm2d:
-            module.__class__ = HalvesBatchNorm2d
+        halves = FOR_HALVES.get(type(module))
+        if halves is not None:
+            module.__class__ = halves
             count += 1
     return count
