@@ -28,12 +28,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with accel.cpu_threads(2):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,3 +403,11 @@ def test_halves_draw_from_the_global_generator_only_for_dropout(two_threads: Non
 def test_an_unprepared_model_is_refused(two_threads: None) -> None:
     with pytest.raises(ValueError, match="prepare"):
         BatchSplit(2).forward_backward(LeNet5(), F.cross_entropy, *_batch(8))
+
+
+def test_a_run_with_dropout_and_batchnorm_in_halves_repeats(two_threads: None) -> None:
+    cfg = [*TINY, "threads=2", "model=cnn7", "epochs=2"]  # report 004's net
+    first, second = run(compose_cfg(cfg), None), run(compose_cfg(cfg), None)
+    assert first["batch_halves"] is True
+    for key in ("test_acc", "test_loss", "best_val_acc", "final_train_acc"):
+        assert first[key] == second[key], key

@@ -9,7 +9,7 @@ behind them, are in docs/benchmarks.md ("Speed settings").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +38,19 @@ def set_threads(threads: int | None) -> int:
 
 
 @contextmanager
-def one_cpu_thread() -> Iterator[None]:
-    """CPU ops inside run on one thread; the count in use before comes back on exit."""
+def cpu_threads(count: int) -> Iterator[None]:
+    """CPU ops inside run on `count` threads; the count in use before comes back on exit."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_cpu_thread() -> AbstractContextManager[None]:
+    """CPU ops inside run on one thread (`cpu_threads(1)`)."""
+    return cpu_threads(1)
 
 
 def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:

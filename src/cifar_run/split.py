@@ -104,10 +104,11 @@ class BatchSplit:
         swap = Swap()
         # Each half's random draws from a generator of its own, seeded here, on the calling
         # thread, from torch's global one: the same seed gives the same run.
-        seeds = torch.randint(1 << 62, (2,)).tolist() if self._draws[model] else [0, 0]
-        halves = [
-            Half(swap, rank, torch.Generator().manual_seed(s)) for rank, s in enumerate(seeds)
-        ]
+        generators: list[torch.Generator | None] = [None, None]
+        if self._draws[model]:
+            seeds = torch.randint(1 << 62, (2,)).tolist()
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        halves = [Half(swap, rank, g) for rank, g in enumerate(generators)]
         first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
         second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, halves[1])
         threads = torch.get_num_threads()

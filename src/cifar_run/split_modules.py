@@ -83,7 +83,7 @@ class Half:
 
     swap: Swap  # what the two halves exchange
     rank: int  # 0: the calling thread's half, 1: the helper's
-    generator: torch.Generator  # this half's random draws
+    generator: torch.Generator | None  # this half's random draws (None: the model draws none)
 
 
 def set_half(half: Half | None) -> None:
