@@ -172,10 +172,11 @@ class HalvesBatchNorm2d(nn.BatchNorm2d):
         return _WholeBatchNorm.apply(x, self.weight, self.bias, self, half.swap, half.rank)
 
 
-def _drop(x: torch.Tensor, p: float, mask_shape: tuple[int, ...], inplace: bool) -> torch.Tensor:
+def _drop(
+    x: torch.Tensor, p: float, mask_shape: tuple[int, ...], inplace: bool, half: Half
+) -> torch.Tensor:
     """x with a random share p of its elements (or channels: `mask_shape`) zeroed and the
     rest scaled by 1 / (1 - p), as F.dropout does, drawn from the half's generator."""
-    half = _current()
     keep = torch.empty(mask_shape, dtype=x.dtype, device=x.device)
     keep.bernoulli_(1.0 - p, generator=half.generator).div_(1.0 - p)
     return x.mul_(keep) if inplace else x * keep
@@ -185,9 +186,10 @@ class HalvesDropout(nn.Dropout):
     """Dropout that, in a split step's half, draws from the half's generator."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _current() is None or not self.training or self.p == 0:
+        half = _current()
+        if half is None or not self.training or self.p == 0:
             return super().forward(x)
-        return _drop(x, self.p, tuple(x.shape), self.inplace)
+        return _drop(x, self.p, tuple(x.shape), self.inplace, half)
 
 
 class HalvesDropout2d(nn.Dropout2d):
@@ -195,10 +197,11 @@ class HalvesDropout2d(nn.Dropout2d):
     generator."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _current() is None or not self.training or self.p == 0:
+        half = _current()
+        if half is None or not self.training or self.p == 0:
             return super().forward(x)
         # One draw per (image, channel), as F.dropout2d makes for batched input.
-        return _drop(x, self.p, (*x.shape[:2], *(1,) * (x.dim() - 2)), self.inplace)
+        return _drop(x, self.p, (*x.shape[:2], *(1,) * (x.dim() - 2)), self.inplace, half)
 
 
 # The modules a split step changes, and what they become.
@@ -213,13 +216,10 @@ FOR_HALVES: dict[type, type] = {
 RANDOM = (HalvesDropout, HalvesDropout2d)
 
 
-def for_halves(model: nn.Module) -> int:
+def for_halves(model: nn.Module) -> None:
     """Give `model`'s BatchNorm2d, Dropout and Dropout2d modules their split-step behaviour
-    (FOR_HALVES), in place; returns how many changed."""
-    count = 0
+    (FOR_HALVES), in place."""
     for module in model.modules():
         halves = FOR_HALVES.get(type(module))
         if halves is not None:
             module.__class__ = halves
-            count += 1
-    return count
