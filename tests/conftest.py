@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,12 @@ def read_results(folder: Path) -> dict:
 def largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest absolute difference between two state dicts with the same keys."""
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """torch on two CPU threads for the test, the count before given back after it."""
+    from cifar_run.accel import cpu_threads
+
+    with cpu_threads(2):
+        yield

@@ -196,26 +196,23 @@ def test_threads_key_sets_torch_threads() -> None:
         torch.set_num_threads(before)
 
 
-def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread() -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        model = LeNet5()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-        assert accel.one_thread_steps(optimizer, CPU)
-        seen: list[int] = []
-        optimizer.register_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
-        for _ in range(2):
-            model(torch.randn(4, 3, 32, 32)).sum().backward()
-            optimizer.step()
-            assert torch.get_num_threads() == 2  # forward and backward get both threads
-        assert seen == [1, 1]
-        # Nothing to gain elsewhere: CUDA's steps are kernels, one thread is one thread.
-        assert not accel.one_thread_steps(optimizer, torch.device("cuda"))
-        torch.set_num_threads(1)
-        assert not accel.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
-    finally:
-        torch.set_num_threads(before)
+def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread(
+    two_threads: None,
+) -> None:
+    model = LeNet5()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    assert accel.one_thread_steps(optimizer, CPU)
+    seen: list[int] = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    for _ in range(2):
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        assert torch.get_num_threads() == 2  # forward and backward get both threads
+    assert seen == [1, 1]
+    # Nothing to gain elsewhere: CUDA's steps are kernels, one thread is one thread.
+    assert not accel.one_thread_steps(optimizer, torch.device("cuda"))
+    torch.set_num_threads(1)
+    assert not accel.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
 
 
 class _ThreadsPerOp(TorchDispatchMode):
@@ -238,44 +235,38 @@ def _threads_per_op(model: nn.Module, batch: int) -> list[tuple[str, tuple[int, 
     return ops.seen
 
 
-def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread() -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        model = LeNet5()
-        assert accel.small_ops_on_one_thread(model, CPU)
-        # Batch 8: every tensor is small, so all but the convolutions and pools take one.
-        seen = _threads_per_op(model, 8)
-        heavy = {"convolution", "convolution_backward", "max_pool2d_with_indices"}
-        heavy.add("max_pool2d_with_indices_backward")
-        assert {t for op, _, t in seen if op in heavy} == {2}
-        assert {op for op, _, _ in seen} > heavy | {"relu_", "addmm", "mm", "threshold_backward"}
-        assert {t for op, _, t in seen if op not in heavy and op != "detach"} == {1}
-        # Batch 512: the first ReLU's 602,112 values keep both threads, the second's 204,800
-        # and the classifier go to one, forward and backward.
-        seen = _threads_per_op(model, 512)
-        relus = {(shape, t) for op, shape, t in seen if op in ("relu_", "threshold_backward")}
-        assert {r for r in relus if len(r[0]) == 4} == {((512, 6, 14, 14), 2), ((512, 16, 5, 5), 1)}
-        assert {t for op, _, t in seen if op in ("addmm", "mm")} == {1}
-        assert {t for op, _, t in seen if op in heavy} == {2}
-        # No hooks where they have nothing to do.
-        assert not accel.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
-        assert not accel.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
-        torch.set_num_threads(1)
-        assert not accel.small_ops_on_one_thread(LeNet5(), CPU)
-    finally:
-        torch.set_num_threads(before)
+def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread(
+    two_threads: None,
+) -> None:
+    model = LeNet5()
+    assert accel.small_ops_on_one_thread(model, CPU)
+    # Batch 8: every tensor is small, so all but the convolutions and pools take one.
+    seen = _threads_per_op(model, 8)
+    heavy = {"convolution", "convolution_backward", "max_pool2d_with_indices"}
+    heavy.add("max_pool2d_with_indices_backward")
+    assert {t for op, _, t in seen if op in heavy} == {2}
+    assert {op for op, _, _ in seen} > heavy | {"relu_", "addmm", "mm", "threshold_backward"}
+    assert {t for op, _, t in seen if op not in heavy and op != "detach"} == {1}
+    # Batch 512: the first ReLU's 602,112 values keep both threads, the second's 204,800
+    # and the classifier go to one, forward and backward.
+    seen = _threads_per_op(model, 512)
+    relus = {(shape, t) for op, shape, t in seen if op in ("relu_", "threshold_backward")}
+    assert {r for r in relus if len(r[0]) == 4} == {((512, 6, 14, 14), 2), ((512, 16, 5, 5), 1)}
+    assert {t for op, _, t in seen if op in ("addmm", "mm")} == {1}
+    assert {t for op, _, t in seen if op in heavy} == {2}
+    # No hooks where they have nothing to do.
+    assert not accel.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
+    assert not accel.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
+    torch.set_num_threads(1)
+    assert not accel.small_ops_on_one_thread(LeNet5(), CPU)
 
 
-def test_run_gives_back_the_thread_count_small_ops_change() -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        # The last op of a LeNet-5 run (the test pass's classifier) runs on one thread.
-        assert run(compose_cfg(TINY), None)["status"] == "completed"
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+def test_run_gives_back_the_thread_count_small_ops_change(two_threads: None) -> None:
+    # A net that keeps whole batches (BatchNorm under autocast) and so the small-op hooks:
+    # the last op of its run (the test pass's classifier) runs on one thread.
+    results = run(compose_cfg([*TINY, "model=cnn", "precision=bf16"]), None)
+    assert results["status"] == "completed" and results["batch_halves"] is False
+    assert torch.get_num_threads() == 2
 
 
 def test_run_records_the_resolved_precision(tmp_path: Path) -> None:

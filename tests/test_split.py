@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,12 +23,6 @@ from cifar_run.split_modules import HalvesBatchNorm2d, HalvesDropout2d
 from .conftest import TINY, compose_cfg
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    with accel.cpu_threads(2):
-        yield
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
