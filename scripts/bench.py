@@ -73,7 +73,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run import accel  # noqa: E402
+from cifar_run import accel, cores  # noqa: E402
 from cifar_run.augment import build_augment, normalization  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.config import validate  # noqa: E402
@@ -232,7 +232,7 @@ def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | Non
     device, model, optimizer = t.device, t.model, t.optimizer
     schedule, criterion = t.schedule, t.criterion
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
-    accel.one_thread_steps(optimizer, device)
+    cores.one_thread_steps(optimizer, device)
     net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
@@ -409,7 +409,7 @@ RESULT_TAG = "bench-result: "
 
 def run_child(args: argparse.Namespace, cfg: DictConfig) -> None:
     """One arm, one round, in this fresh process (--isolate); the result as a JSON line."""
-    accel.set_threads(cfg.get("threads"))
+    cores.set_threads(cfg.get("threads"))
     res = ARMS[args.child](cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
     result = {**dataclasses.asdict(res), "openmp": _openmp(dict(os.environ))}
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -440,7 +440,7 @@ def main() -> None:
     if args.child:
         run_child(args, cfg)
         return
-    threads = accel.set_threads(cfg.get("threads"))
+    threads = cores.set_threads(cfg.get("threads"))
     device = resolve_device(cfg.device)
     precision = accel.resolve_precision(cfg.precision, device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""

@@ -12,10 +12,10 @@ alternating which goes first, for --rounds rounds. It prints the median ms per s
 and CPU time) of each arm and the median of the per-round speed ratios, second arm / first:
 the measurements behind `accel.memory_format` (channels_last / NCHW, in the config's
 precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar-run picks),
-`accel.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
+`cores.one_thread_steps` (one thread / every thread for the optimizer's steps) and the
 pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
 act-pool arm by moving each max pool back behind the ReLU it precedes) and
-`accel.small_ops_on_one_thread` (small-ops-one / ops-every-thread) and `accel.batch_split`
+`cores.small_ops_on_one_thread` (small-ops-one / ops-every-thread) and `accel.batch_split`
 (halves / whole-batch). Apart from what is compared, both arms train as cifar-run does,
 except that only the halves arm splits batches.
 
@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run import accel  # noqa: E402
+from cifar_run import accel, cores  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 from cifar_run.optim import build_optimizer  # noqa: E402
@@ -106,7 +106,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     cfg = compose_config(["device=cpu", *args.overrides])
-    threads = accel.set_threads(cfg.get("threads"))
+    threads = cores.set_threads(cfg.get("threads"))
     generator = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(8, cfg.batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (8, cfg.batch_size), generator=generator)
@@ -131,7 +131,7 @@ def main() -> None:
             raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":
-            accel.one_thread_steps(optimizer, CPU)
+            cores.one_thread_steps(optimizer, CPU)
         fmt = FORMATS.get(name, speed.memory_format)
         batches = [x.contiguous(memory_format=fmt) for x in images]
         arms[name] = (speed, optimizer, batches)

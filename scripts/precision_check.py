@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run import accel  # noqa: E402
+from cifar_run import accel, cores  # noqa: E402
 from cifar_run.augment import build_augment, normalization  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.config import validate  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         splits = load_splits(cfg.data)
     except UserError as exc:
         raise SystemExit(f"precision_check.py: {exc}") from None
-    accel.set_threads(cfg.get("threads"))
+    cores.set_threads(cfg.get("threads"))
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     memory_format = accel.memory_format(model, CPU)

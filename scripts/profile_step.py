@@ -27,7 +27,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from cifar_run import accel  # noqa: E402
+from cifar_run import accel, cores  # noqa: E402
 from cifar_run.augment import build_augment  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.data import ArraySplit  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
-    accel.one_thread_steps(optimizer, device)
+    cores.one_thread_steps(optimizer, device)
     n = cfg.batch_size * args.steps
     # Random pixels: the step's cost does not depend on what the images show.
     split = ArraySplit(

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from cifar_run import accel, data
+from cifar_run import accel, cores, data
 from cifar_run.config import validate
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
 from cifar_run.engine import evaluate, train_one_epoch
@@ -190,8 +190,8 @@ def test_bad_speed_keys_are_one_line_naming_them(override: str, named: str) -> N
 def test_threads_key_sets_torch_threads() -> None:
     before = torch.get_num_threads()
     try:
-        assert accel.set_threads(1) == 1 == torch.get_num_threads()
-        assert accel.set_threads(None) == 1  # null leaves torch's setting alone
+        assert cores.set_threads(1) == 1 == torch.get_num_threads()
+        assert cores.set_threads(None) == 1  # null leaves torch's setting alone
     finally:
         torch.set_num_threads(before)
 
@@ -201,7 +201,7 @@ def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread(
 ) -> None:
     model = LeNet5()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    assert accel.one_thread_steps(optimizer, CPU)
+    assert cores.one_thread_steps(optimizer, CPU)
     seen: list[int] = []
     optimizer.register_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     for _ in range(2):
@@ -210,9 +210,9 @@ def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread(
         assert torch.get_num_threads() == 2  # forward and backward get both threads
     assert seen == [1, 1]
     # Nothing to gain elsewhere: CUDA's steps are kernels, one thread is one thread.
-    assert not accel.one_thread_steps(optimizer, torch.device("cuda"))
+    assert not cores.one_thread_steps(optimizer, torch.device("cuda"))
     torch.set_num_threads(1)
-    assert not accel.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
+    assert not cores.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
 
 
 class _ThreadsPerOp(TorchDispatchMode):
@@ -239,7 +239,7 @@ def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread(
     two_threads: None,
 ) -> None:
     model = LeNet5()
-    assert accel.small_ops_on_one_thread(model, CPU)
+    assert cores.small_ops_on_one_thread(model, CPU)
     # Batch 8: every tensor is small, so all but the convolutions and pools take one.
     seen = _threads_per_op(model, 8)
     heavy = {"convolution", "convolution_backward", "max_pool2d_with_indices"}
@@ -255,10 +255,10 @@ def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread(
     assert {t for op, _, t in seen if op in ("addmm", "mm")} == {1}
     assert {t for op, _, t in seen if op in heavy} == {2}
     # No hooks where they have nothing to do.
-    assert not accel.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
-    assert not accel.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
+    assert not cores.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
+    assert not cores.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
     torch.set_num_threads(1)
-    assert not accel.small_ops_on_one_thread(LeNet5(), CPU)
+    assert not cores.small_ops_on_one_thread(LeNet5(), CPU)
 
 
 def test_run_gives_back_the_thread_count_small_ops_change(two_threads: None) -> None:

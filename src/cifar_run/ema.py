@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cifar_run.accel import ONE_THREAD_BELOW, one_cpu_thread
+from cifar_run.cores import ONE_THREAD_BELOW, one_cpu_thread
 
 
 class WeightAverage(AveragedModel):

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifar_run import accel, atomic, checkpoint, prune_stage, report
+from cifar_run import accel, atomic, checkpoint, cores, prune_stage, report
 from cifar_run.augment import build_augment, grid_png, normalization, preview_png
 from cifar_run.checkpoint import LoopState
 from cifar_run.config import validate
@@ -129,7 +129,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
     settings = validate_pruning(cfg.prune, cfg.pruning)
-    threads = accel.set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
+    threads = cores.set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     resume_from = None
@@ -229,7 +229,7 @@ def _optimizer(
     cfg: DictConfig, params: Iterable[nn.Parameter], lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
     optimizer = build_optimizer(cfg.optim, params, lr)
-    accel.one_thread_steps(optimizer, device)
+    cores.one_thread_steps(optimizer, device)
     return optimizer
 
 

@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import prune
 
+from cifar_run.cores import cpu_threads
 from cifar_run.split_modules import RANDOM, Half, HalfStopped, Swap, for_halves, set_half
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,21 +112,19 @@ class BatchSplit:
         halves = [Half(swap, rank, g) for rank, g in enumerate(generators)]
         first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
         second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, halves[1])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.main_threads)  # while the helper is idle, as above
-        helper = self._helper.submit(_piece, *second)
-        try:
+        with cpu_threads(self.main_threads):  # set while the helper is idle, as above
+            helper = self._helper.submit(_piece, *second)
             try:
-                loss, out = _piece(*first)
-            except HalfStopped:
+                try:
+                    loss, out = _piece(*first)
+                except HalfStopped:
+                    wait([helper])
+                    helper.result()  # the helper's own error: it stopped first
+                    raise
+                loss2, out2, grads = helper.result()
+            finally:
+                # Never leave the helper running on the model past an error in this thread.
                 wait([helper])
-                helper.result()  # the helper's own error: it stopped first
-                raise
-            loss2, out2, grads = helper.result()
-        finally:
-            # Never leave the helper running on the model past an error in this thread.
-            wait([helper])
-            torch.set_num_threads(threads)
         for p, g in zip(params, grads, strict=True):
             if g is None:
                 continue
