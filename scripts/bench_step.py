@@ -17,7 +17,9 @@ pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script bui
 act-pool arm by moving each max pool back behind the ReLU it precedes) and
 `cores.small_ops_on_one_thread` (small-ops-one / ops-every-thread) and `accel.batch_split`
 (halves / whole-batch). Apart from what is compared, both arms train as cifar-run does,
-except that only the halves arm splits batches.
+except that only the halves arm splits batches. With --prune AMOUNT both arms train the
+model pruned as the pruning stage leaves it (global L1 over its Conv2d and Linear
+weights, torch's masks attached), as its fine-tuning does.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -32,6 +34,8 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare pool-order
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare op-threads
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare batch-split
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare batch-split \
+        --prune 0.5
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from cifar_run import accel, cores  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 from cifar_run.optim import build_optimizer  # noqa: E402
+from cifar_run.pruning import apply_global_l1, prunable_parameters  # noqa: E402
 from cifar_run.run import seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -100,6 +105,14 @@ def parse_args() -> argparse.Namespace:
         "steps on every thread vs one, activation before max pool vs after, or every op "
         "on every thread vs small ops on one, or whole batches vs halves on two threads",
     )
+    parser.add_argument(
+        "--prune",
+        type=float,
+        default=0.0,
+        metavar="AMOUNT",
+        help="train the model pruned by this fraction (global L1, masks attached), as the "
+        "pruning stage's fine-tuning does (default 0: dense)",
+    )
     return parser.parse_args()
 
 
@@ -125,6 +138,8 @@ def main() -> None:
             op_threads=name != "ops-every-thread",
             split=name == "halves",
         )
+        if args.prune:  # after speed_setup, as in a run: the pruning stage comes last
+            apply_global_l1(prunable_parameters(model), args.prune)
         if name == "halves" and not (
             speed.split and speed.split.prepare(model, speed.precision.dtype)
         ):
@@ -153,7 +168,7 @@ def main() -> None:
             optimizer.step()
 
     print(
-        f"config: model={cfg.model.name} batch_size={cfg.batch_size} "
+        f"config: model={cfg.model.name} batch_size={cfg.batch_size} prune={args.prune} "
         f"precision={', '.join(speed.precision.name for speed, _, _ in arms.values())}, "
         f"{threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "

@@ -362,6 +362,15 @@ def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Pat
     assert re.search(rf"{arms[1]} speed / {arms[0]}: median [\d.]+x per round", proc.stdout)
 
 
+def test_step_bench_trains_a_pruned_model_in_halves_with_prune(tmp_path: Path) -> None:
+    args = ("model=lenet5", "batch_size=8", "threads=2", "--rounds", "1", "--steps", "2")
+    args = (*args, "--compare", "batch-split", "--prune", "0.5")
+    proc = run_script("bench_step.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # it stops when the halves arm cannot split
+    assert "prune=0.5 " in proc.stdout
+    assert re.search(r"^halves +ms per step: wall [\d.]+", proc.stdout, re.M), proc.stdout
+
+
 def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Path) -> None:
     args = ("model=lenet5", "batch_size=8", "device=cpu", "--steps", "2", "--top", "3")
     proc = run_script("profile_step.py", *args, cwd=tmp_path)

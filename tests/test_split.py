@@ -155,22 +155,82 @@ def test_halves_suit_models_without_randomness_or_per_call_state() -> None:
     assert suits(nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(0.0)))  # draws nothing
     pruned = LeNet5()
     prune.l1_unstructured(pruned.features[0], "weight", amount=0.5)
-    assert not suits(pruned)  # its hooks write the weight onto the shared module
+    assert suits(pruned)  # its masked weights are taken once per step, before the halves
 
 
-def test_an_epoch_of_a_pruned_model_runs_whole_though_given_halves(two_threads: None) -> None:
+def _pruned_lenet() -> LeNet5:
+    """LeNet-5 with torch's pruning as the pruning stage leaves it: global L1 over every
+    weight, pruned twice (a PruningContainer), plus a pruned bias beside a pruned weight."""
     torch.manual_seed(0)
     model = LeNet5()
-    prune.l1_unstructured(model.features[0], "weight", amount=0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    prune.global_unstructured(weights, prune.L1Unstructured, amount=0.3)
+    prune.global_unstructured(weights, prune.L1Unstructured, amount=0.3)
+    prune.l1_unstructured(model.classifier[1], "bias", amount=0.5)
+    return model
+
+
+def _pruned_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_a_pruned_model_gets_the_whole_batch_gradient_through_its_masks(
+    two_threads: None,
+) -> None:
+    model = _pruned_lenet()
+    hooks = {m: list(m._forward_pre_hooks.values()) for m in model.modules()}
+    x, y = _batch(32)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    whole = _pruned_grads(model)
+    model.zero_grad(set_to_none=True)
+
     split = BatchSplit(2)
-    calls = []
-    split.forward_backward = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
-    stats = train_one_epoch(
-        model, [_batch(8)], optimizer, nn.CrossEntropyLoss(), device=CPU, split=split
-    )
-    assert calls == [] and stats.images == 8
-    assert (model.features[0].weight == 0).float().mean() == 0.5  # the mask held
+    assert split.prepare(model)
+    loss2, _ = split.forward_backward(model, F.cross_entropy, x, y)
+    split.close()
+    torch.testing.assert_close(loss2, loss.detach(), rtol=1e-5, atol=1e-6)
+    halves = _pruned_grads(model)
+    assert halves.keys() == whole.keys() and "features.0.weight_orig" in halves
+    for name, g in halves.items():
+        torch.testing.assert_close(g, whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    conv = model.features[0]
+    assert torch.all(conv.weight_orig.grad[conv.weight_mask == 0] == 0)
+    # torch's hooks are back, in their order, and the weight is a plain leaf again
+    assert {m: list(m._forward_pre_hooks.values()) for m in model.modules()} == hooks
+    assert conv.weight.grad_fn is None and not conv.weight.requires_grad
+    torch.testing.assert_close(conv.weight, conv.weight_orig * conv.weight_mask)
+
+
+def _train_pruned(split: BatchSplit | None) -> dict[str, torch.Tensor]:
+    model = _pruned_lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    batches = [_batch(32, seed) for seed in range(4)]
+    train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split)
+    model.eval()
+    with torch.no_grad():
+        model(batches[0][0])  # the hooks derive the weights again
+    return {
+        f"{name}.{kind}": getattr(m, kind).detach().clone()
+        for name, m in model.named_modules()
+        for kind in ("weight", "bias")
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    }
+
+
+def test_fine_tuning_a_pruned_model_in_halves_holds_the_masks_and_repeats(
+    two_threads: None,
+) -> None:
+    first, second = _train_pruned(BatchSplit(2)), _train_pruned(BatchSplit(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    whole = _train_pruned(None)
+    for k in first:
+        torch.testing.assert_close(first[k], whole[k], rtol=1e-3, atol=1e-5)
+        assert torch.equal(first[k] == 0, whole[k] == 0), k  # the same weights stay zero
+    weights = [w for k, w in first.items() if k.endswith("weight")]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros >= 0.51 * sum(w.numel() for w in weights)  # 0.3, then 0.3 of the rest
+    assert (first["classifier.1.bias"] == 0).float().mean() == 0.5
 
 
 def test_speed_setup_splits_where_it_suits_and_keeps_small_op_hooks_elsewhere(

@@ -24,7 +24,7 @@ def batch_split(
     model: nn.Module, device: torch.device, precision: Precision, compile: bool = False
 ) -> BatchSplit | None:
     """Halves of each training batch on two threads (cifar_run.split) where they suit: on
-    the CPU with several threads, for a model `split.suits` (not pruned, no norm layer but
+    the CPU with several threads, for a model `split.suits` (no norm layer but
     BatchNorm2d and that only in fp32, no dropout but Dropout and Dropout2d), without a loss
     scaler (fp16) and not under compile (dynamo and threads).
 

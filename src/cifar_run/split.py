@@ -13,10 +13,13 @@ and the second half's gradients are added to the first's after both are done, in
 order, so that a run repeats bit for bit (the sum differs from the whole batch's only in
 rounding). BatchNorm layers swap their statistics between the halves, so that each
 normalizes with the whole batch's, and dropout draws from a generator per half
-(cifar_run.split_modules). What else makes halves valid is that the model keeps no other
-per-call state: `suits` refuses other norm and dropout layers, torch's pruning
-reparametrisation (its forward pre-hooks set the weight on the shared module) and BatchNorm
-under autocast (its statistics are taken in fp32 only).
+(cifar_run.split_modules). A pruned model's masked weights (torch.nn.utils.prune, whose
+forward pre-hooks would set the weight on the shared module from both threads) are taken
+once per step on the calling thread, as leaves both halves use, and their gradient goes
+through the mask to the unpruned weight after both are done, as autograd would take it
+(`_MaskedWeights`). What else makes halves valid is that the model keeps no other per-call
+state: `suits` refuses other norm and dropout layers and BatchNorm under autocast (its
+statistics are taken in fp32 only).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def suits(model: nn.Module, autocast: torch.dtype | None = None) -> bool:
     """Whether halves of a batch give `model` the gradient of the whole batch: no norm
     layer but BatchNorm2d (and that only without `autocast`), no dropout but Dropout and
-    Dropout2d, not pruned (torch.nn.utils.prune, whose hooks write to the module)."""
+    Dropout2d. Pruned models (torch.nn.utils.prune) suit."""
     for module in model.modules():
         if isinstance(module, _NormBase):
             if not isinstance(module, nn.BatchNorm2d) or autocast is not None:
@@ -48,7 +51,7 @@ def suits(model: nn.Module, autocast: torch.dtype | None = None) -> bool:
         if isinstance(module, _DropoutNd) and module.p > 0:
             if not isinstance(module, nn.Dropout | nn.Dropout2d):
                 return False
-    return not prune.is_pruned(model)
+    return True
 
 
 class BatchSplit:
@@ -101,6 +104,7 @@ class BatchSplit:
         if n < 2:
             return _piece(model, criterion, x, y, 1.0, autocast, None, None)
         half = (n + 1) // 2
+        masked = _MaskedWeights(model)
         params = [p for p in model.parameters() if p.requires_grad]
         swap = Swap()
         # Each half's random draws from a generator of its own, seeded here, on the calling
@@ -111,8 +115,10 @@ class BatchSplit:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         halves = [Half(swap, rank, g) for rank, g in enumerate(generators)]
         first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
-        second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, params, halves[1])
-        with cpu_threads(self.main_threads):  # set while the helper is idle, as above
+        wanted = [masked.leaf(p) for p in params]  # the helper's: masked weights as leaves
+        second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, wanted, halves[1])
+        # Set while the helper is idle, as above, and restored once it is again.
+        with masked, cpu_threads(self.main_threads):
             helper = self._helper.submit(_piece, *second)
             try:
                 try:
@@ -125,17 +131,78 @@ class BatchSplit:
             finally:
                 # Never leave the helper running on the model past an error in this thread.
                 wait([helper])
-        for p, g in zip(params, grads, strict=True):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+        for p, g in zip(wanted, grads, strict=True):
+            _add_grad(p, g)
+        masked.to_unpruned()
         return loss + loss2, torch.cat([out, out2])
 
     def close(self) -> None:
         self._helper.shutdown()
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
+    if g is None:
+        return
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+class _MaskedWeights:
+    """A pruned model's masked weights for one split step. Inside the `with`, torch's
+    pruning hooks are held off and each pruned tensor is `orig * mask` as a leaf of its own,
+    computed once, which both halves use; `to_unpruned` then passes the leaf's gradient to
+    `orig` through the mask (the gradient of `orig * mask` with respect to `orig` is
+    `mask`). Nothing happens for a model that is not pruned."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._hooks: list[tuple[nn.Module, dict]] = []  # each pruned module's pre-hooks
+        # (module, tensor name, orig, leaf) for each pruned tensor
+        self._tensors: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor]] = []
+        for module in model.modules():
+            methods = [
+                h
+                for h in module._forward_pre_hooks.values()
+                if isinstance(h, prune.BasePruningMethod)
+            ]
+            if not methods:
+                continue
+            self._hooks.append((module, dict(module._forward_pre_hooks)))
+            for method in methods:
+                orig = getattr(module, method._tensor_name + "_orig")
+                with torch.no_grad():
+                    leaf = method.apply_mask(module)
+                leaf.requires_grad_(orig.requires_grad)
+                self._tensors.append((module, method._tensor_name, orig, leaf))
+        self._leaves = {id(orig): leaf for _, _, orig, leaf in self._tensors}
+
+    def leaf(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor whose gradient the halves take in place of parameter `p`."""
+        return self._leaves.get(id(p), p)
+
+    def __enter__(self) -> None:
+        for module, hooks in self._hooks:
+            module._forward_pre_hooks.clear()
+            module._forward_pre_hooks.update(
+                (k, h) for k, h in hooks.items() if not isinstance(h, prune.BasePruningMethod)
+            )
+        for module, name, _, leaf in self._tensors:
+            setattr(module, name, leaf)
+
+    def __exit__(self, *exc: object) -> None:
+        for module, hooks in self._hooks:
+            module._forward_pre_hooks.clear()
+            module._forward_pre_hooks.update(hooks)  # in their order
+        for module, name, _, leaf in self._tensors:
+            # A leaf without the step's gradient, as pruning.detach_masked_weights leaves it.
+            setattr(module, name, leaf.detach())
+
+    def to_unpruned(self) -> None:
+        """Add each leaf's gradient, times the mask, to its `orig`'s."""
+        for module, name, orig, leaf in self._tensors:
+            if leaf.grad is not None:
+                _add_grad(orig, leaf.grad * getattr(module, name + "_mask"))
 
 
 def _piece(
