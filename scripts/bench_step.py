@@ -140,9 +140,7 @@ def main() -> None:
         )
         if args.prune:  # after speed_setup, as in a run: the pruning stage comes last
             apply_global_l1(prunable_parameters(model), args.prune)
-        if name == "halves" and not (
-            speed.split and speed.split.prepare(model, speed.precision.dtype)
-        ):
+        if name == "halves" and not (speed.split and speed.split.prepare(model)):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":

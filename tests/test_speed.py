@@ -262,9 +262,9 @@ def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread(
 
 
 def test_run_gives_back_the_thread_count_small_ops_change(two_threads: None) -> None:
-    # A net that keeps whole batches (BatchNorm under autocast) and so the small-op hooks:
+    # A run that keeps whole batches (fp16, for its grad scaler) and so the small-op hooks:
     # the last op of its run (the test pass's classifier) runs on one thread.
-    results = run(compose_cfg([*TINY, "model=cnn", "precision=bf16"]), None)
+    results = run(compose_cfg([*TINY, "model=cnn", "precision=fp16"]), None)
     assert results["status"] == "completed" and results["batch_halves"] is False
     assert torch.get_num_threads() == 2
 

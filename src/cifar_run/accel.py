@@ -24,9 +24,9 @@ def batch_split(
     model: nn.Module, device: torch.device, precision: Precision, compile: bool = False
 ) -> BatchSplit | None:
     """Halves of each training batch on two threads (cifar_run.split) where they suit: on
-    the CPU with several threads, for a model `split.suits` (no norm layer but
-    BatchNorm2d and that only in fp32, no dropout but Dropout and Dropout2d), without a loss
-    scaler (fp16) and not under compile (dynamo and threads).
+    the CPU with several threads, for a model `split.suits` (no norm layer but BatchNorm2d,
+    no dropout but Dropout and Dropout2d), without a loss scaler (fp16) and not under
+    compile (dynamo and threads).
 
     On the 2-vCPU guest a LeNet-5 step at batch 64 took 4.2 ms that way against 4.9 with
     the whole batch and small ops on one thread, and 1.2-1.4x less at batch sizes from 8 to
@@ -35,7 +35,7 @@ def batch_split(
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or compile or precision.dtype == torch.float16:
         return None
-    return BatchSplit(threads) if suits(model, precision.dtype) else None
+    return BatchSplit(threads) if suits(model) else None
 
 
 # ---------------------------------------------------------------------------------------------

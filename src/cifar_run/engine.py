@@ -94,7 +94,7 @@ def train_one_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # Looked at once per epoch: the pruning stage fine-tunes, pruned, a model whose dense
     # epochs ran in halves.
-    if split is not None and (scaler is not None or not split.prepare(model, autocast)):
+    if split is not None and (scaler is not None or not split.prepare(model)):
         split = None
     for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
         lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it

@@ -18,8 +18,7 @@ forward pre-hooks would set the weight on the shared module from both threads) a
 once per step on the calling thread, as leaves both halves use, and their gradient goes
 through the mask to the unpruned weight after both are done, as autograd would take it
 (`_MaskedWeights`). What else makes halves valid is that the model keeps no other per-call
-state: `suits` refuses other norm and dropout layers and BatchNorm under autocast (its
-statistics are taken in fp32 only).
+state: `suits` refuses other norm and dropout layers.
 """
 
 from __future__ import annotations
@@ -40,14 +39,13 @@ from cifar_run.split_modules import RANDOM, Half, HalfStopped, Swap, for_halves,
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def suits(model: nn.Module, autocast: torch.dtype | None = None) -> bool:
+def suits(model: nn.Module) -> bool:
     """Whether halves of a batch give `model` the gradient of the whole batch: no norm
-    layer but BatchNorm2d (and that only without `autocast`), no dropout but Dropout and
-    Dropout2d. Pruned models (torch.nn.utils.prune) suit."""
+    layer but BatchNorm2d, no dropout but Dropout and Dropout2d. Pruned models
+    (torch.nn.utils.prune) suit, in any precision."""
     for module in model.modules():
-        if isinstance(module, _NormBase):
-            if not isinstance(module, nn.BatchNorm2d) or autocast is not None:
-                return False
+        if isinstance(module, _NormBase) and not isinstance(module, nn.BatchNorm2d):
+            return False
         if isinstance(module, _DropoutNd) and module.p > 0:
             if not isinstance(module, nn.Dropout | nn.Dropout2d):
                 return False
@@ -74,11 +72,11 @@ class BatchSplit:
         # Prepared models, and whether each draws random numbers (dropout).
         self._draws: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
-    def prepare(self, model: nn.Module, autocast: torch.dtype | None = None) -> bool:
+    def prepare(self, model: nn.Module) -> bool:
         """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d and
         dropout modules get their split-step behaviour (split_modules.for_halves, in place;
         outside a split step they behave as before)."""
-        if not suits(model, autocast):
+        if not suits(model):
             return False
         for_halves(model)
         self._draws[model] = any(isinstance(m, RANDOM) for m in model.modules())

@@ -109,8 +109,13 @@ class _WholeBatchNorm(torch.autograd.Function):
         rank: int,
     ) -> torch.Tensor:
         # torch's own per-channel statistics kernel (the one its BatchNorm uses; var_mean
-        # took 10x as long on channels_last batches).
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        # took 10x as long on channels_last batches). For bf16 or fp16 input (autocast) it
+        # returns them in that dtype unless given fp32 running buffers (left as they are, at
+        # momentum 0), which make it take them in fp32, as BatchNorm itself does there.
+        buffers = (None, None)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            buffers = tuple(torch.zeros(x.shape[1], device=x.device) for _ in range(2))
+        mean, var = torch.batch_norm_update_stats(x, *buffers, 0.0)
         count = x.numel() // x.shape[1]
         (n0, m0, v0), (n1, m1, v1) = swap(rank, (id(bn), "forward"), (count, mean, var))
         n = n0 + n1
@@ -127,20 +132,35 @@ class _WholeBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x, weight, mean, invstd = ctx.saved_tensors
-        # This half's sums of grad * normalized input and of grad: its weight and bias
-        # gradients, and its share of the sums the input gradient takes over the batch.
-        _, dw, db = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [False, True, True]
-        )
-        (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+        ones = torch.ones_like(mean)
         scale = invstd if weight is None else weight * invstd
-        # dx = scale * (grad - sum(grad) / n - xhat * sum(grad * xhat) / n), xhat the
-        # normalized input, taken as x - mean to keep the subtraction exact.
-        slope = -scale * invstd * (dw0 + dw1) / ctx.n
-        offset = -scale * (db0 + db1) / ctx.n
-        centred = x - mean.view(_CHANNEL)
-        dx = torch.addcmul(offset.view(_CHANNEL), slope.view(_CHANNEL), centred, out=centred)
-        dx.addcmul_(scale.view(_CHANNEL), grad)
+        # The input gradient over the whole batch, xhat the normalized input:
+        #   dx = scale * (grad - sum(grad) / n - xhat * sum(grad * xhat) / n)
+        # The sums: this half's (its weight and bias gradients), swapped with the other's.
+        if grad.dtype == scale.dtype:
+            _, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [False, True, True]
+            )
+            (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+            # dx = slope * (x - mean) + offset + scale * grad; the per-channel affine map by
+            # torch's inference BatchNorm kernel (unit variance, no eps), the fastest here.
+            slope = -scale * invstd * (dw0 + dw1) / ctx.n
+            offset = -scale * (db0 + db1) / ctx.n
+            dx = torch.batch_norm(x, slope, offset, mean, ones, False, 0.0, 0.0, False)
+            dx.addcmul_(scale.view(_CHANNEL), grad)
+        else:
+            # bf16 or fp16 (autocast): the three terms of dx nearly cancel, so they are
+            # taken in fp32 and rounded once, by torch's own kernel over this half (its sums
+            # the half's: count m), plus what the whole batch's sums change, a smaller term:
+            #   scale * (db_h / m - db / n) + scale * xhat * (dw_h / m - dw / n)
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [True, True, True]
+            )
+            (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+            m = x.numel() // x.shape[1]
+            slope = scale * invstd * (dw / m - (dw0 + dw1) / ctx.n)
+            offset = scale * (db / m - (db0 + db1) / ctx.n)
+            dx += torch.batch_norm(x, slope, offset, mean, ones, False, 0.0, 0.0, False)
         if weight is None:
             return dx, None, None, None, None, None
         return dx, dw, db, None, None, None
