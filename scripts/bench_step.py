@@ -113,7 +113,10 @@ def parse_args() -> argparse.Namespace:
         help="train the model pruned by this fraction (global L1, masks attached), as the "
         "pruning stage's fine-tuning does (default 0: dense)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not 0.0 <= args.prune < 1.0:
+        parser.error(f"--prune {args.prune}: the fraction of weights pruned, in [0, 1)")
+    return args
 
 
 def main() -> None:

@@ -369,6 +369,9 @@ def test_step_bench_trains_a_pruned_model_in_halves_with_prune(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr  # it stops when the halves arm cannot split
     assert "prune=0.5 " in proc.stdout
     assert re.search(r"^halves +ms per step: wall [\d.]+", proc.stdout, re.M), proc.stdout
+    bad = run_script("bench_step.py", "--prune", "1.0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--prune 1.0: the fraction of weights pruned" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Path) -> None:
