@@ -159,6 +159,8 @@ class _MaskedWeights:
         # (module, tensor name, orig, leaf) for each pruned tensor
         self._tensors: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor]] = []
         for module in model.modules():
+            if not module._forward_pre_hooks:  # most modules: looked at every step
+                continue
             methods = [
                 h
                 for h in module._forward_pre_hooks.values()
