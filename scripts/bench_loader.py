@@ -1,11 +1,14 @@
 """What a batch costs to prepare: DeviceLoader against the plain way of writing the same.
 
-DeviceLoader gathers each batch from the uint8 images with `index_select`, augments it, and
-turns it into normalized float values in the batches' memory format with one
-`torch.addcmul` writing straight into a float tensor of that layout. The reference arm is
-the way it did so before (and the way one writes it): `images[idx]`, then reorder to the
-memory format while still uint8, convert to float, multiply, add: four passes over the
-batch. For each batch size the script times
+DeviceLoader gathers each batch from the uint8 images with `index_select` (on the CPU, for
+channels_last batches without augmentation, from images held as NHWC rows), augments it,
+and turns it into normalized float values in the batches' memory format (on the CPU: a
+conversion to float as the batch lies in memory and one `torch.addcmul` in place with
+factors per value of an image; on CUDA one `addcmul` writing the float layout), with one
+CPU thread for a small batch. The reference arm is the way one writes it: `images[idx]`
+from NCHW images, then reorder to the memory format while still uint8, convert to float,
+multiply, add: four passes over the batch, on every thread. For each batch size the script
+times
 full epochs of both loaders over the same random uint8 images (timing does not depend on
 content), alternating which goes first, for --rounds rounds, and prints the median
 microseconds per batch of each, the median per-round ratio and the largest difference
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from cifar_run.constants import set_openmp_defaults  # torch-free
 
@@ -36,6 +41,13 @@ from cifar_run.loader import DeviceLoader  # noqa: E402
 
 class PlainLoader(DeviceLoader):
     """DeviceLoader with the indexing and the four passes of the reference arm."""
+
+    def __init__(self, split: ArraySplit, *args: Any, **kwargs: Any) -> None:
+        super().__init__(split, *args, **kwargs)
+        self.images = split.images.to(self.device)  # NCHW rows, as a plain script holds them
+
+    def _threads(self, batch: int) -> AbstractContextManager[None]:
+        return nullcontext()  # every thread, as a plain script runs
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from cifar_run.augment import Augment
+from cifar_run.cores import ONE_THREAD_BELOW, one_cpu_thread
 from cifar_run.data import ArraySplit
 from cifar_run.mix import Mix, epoch_rng
 
@@ -36,6 +38,18 @@ class DeviceLoader:
         mix: Mix | None = None,
     ) -> None:
         self.images = split.images.to(device)
+        # On the CPU, channels_last batches without augmentation are gathered straight from
+        # NHWC rows (the images keep their NCHW shape with channels_last strides): turning a
+        # 3-channel uint8 batch into NHWC took longer than everything else a batch needs
+        # (docs/benchmarks.md, "Preparing batches"). Augmentations take NCHW batches.
+        self._gather_nhwc = (
+            device.type == "cpu"
+            and memory_format == torch.channels_last
+            and augment is None
+            and self.images.dim() == 4
+        )
+        if self._gather_nhwc:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.device = device
@@ -51,22 +65,49 @@ class DeviceLoader:
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(
             1, -1, 1, 1
         )
+        # The same per value of one image, in NCHW and in NHWC order (`_normalized`).
+        self._per_value = (
+            {
+                layout: (
+                    _per_value(self.scale, self.images, layout),
+                    _per_value(self.shift, self.images, layout),
+                )
+                for layout in (torch.contiguous_format, torch.channels_last)
+            }
+            if self.images.dim() == 4
+            else {}
+        )
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """The batch's uint8 images. index_select copies whole rows; `images[idx]` (advanced
         indexing) took 2x as long for a batch of 64 on the CPU and 4x for 512."""
+        if self._gather_nhwc:
+            return self.images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
         return self.images.index_select(0, idx)
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch -> float, normalized, in the batches' memory format: one pass (addcmul
-        reads the uint8 values and writes the float layout asked for), where reordering,
-        converting, scaling and shifting took four; 0.63 -> 0.39 ms for a batch of 64 on
-        the CPU. Equal to `x.float() * scale + shift` up to the last bit (a fused
-        multiply-add rounds once)."""
-        out = torch.empty(
-            x.shape, dtype=torch.float32, device=x.device, memory_format=self.memory_format
-        )
-        return torch.addcmul(self.shift, x, self.scale, out=out)
+        """uint8 batch -> float, normalized, in the batches' memory format. Equal to
+        `x.float() * scale + shift` up to the last bit (a fused multiply-add rounds once).
+
+        On CUDA one pass: addcmul reads the uint8 values and writes the float layout asked
+        for, where reordering, converting, scaling and shifting took four. On the CPU that
+        pass (mixed dtypes, a 3-long innermost loop for the per-channel factors) took 0.29 ms
+        for a batch of 64; there the batch is converted to float as it lies in memory and
+        scaled in place by factors per value of an image, one vectorised pass each, and
+        then put in the memory format if it is not already (0.05 ms from NHWC rows)."""
+        layout = _layout(x)
+        if x.device.type != "cpu" or layout is None or x.shape[1:] != self.images.shape[1:]:
+            out = torch.empty(
+                x.shape, dtype=torch.float32, device=x.device, memory_format=self.memory_format
+            )
+            return torch.addcmul(self.shift, x, self.scale, out=out)
+        scale, shift = self._per_value[layout]
+        nhwc = layout == torch.channels_last
+        rows = (x.permute(0, 2, 3, 1) if nhwc else x).reshape(len(x), -1).float()
+        torch.addcmul(shift, rows, scale, out=rows)
+        n, c, h, w = x.shape
+        out = rows.view(n, h, w, c).permute(0, 3, 1, 2) if nhwc else rows.view(n, c, h, w)
+        return out.contiguous(memory_format=self.memory_format)
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -92,10 +133,39 @@ class DeviceLoader:
         rng = epoch_rng(self.mix_generator) if self.mix is not None else None
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = self._gather(idx)
-            if self.augment is not None:
-                x = self.augment(x, self.augment_generator)
-            x, y = self._normalized(x), self.labels.index_select(0, idx)
-            if rng is not None:
-                x, y = self.mix(x, y, rng)
+            with self._threads(len(idx)):
+                x = self._gather(idx)
+                if self.augment is not None:
+                    x = self.augment(x, self.augment_generator)
+                x, y = self._normalized(x), self.labels.index_select(0, idx)
+                if rng is not None:
+                    x, y = self.mix(x, y, rng)
             yield x, y
+
+    def _threads(self, batch: int) -> AbstractContextManager[None]:
+        """One CPU thread for a batch of fewer than ONE_THREAD_BELOW values: under passive
+        OpenMP waits each of its few ops would first wake the other threads, which cost a
+        batch of 64 3.8x its time on one thread (docs/benchmarks.md, "Preparing batches")."""
+        if self.device.type == "cpu" and batch * self.images[0].numel() < ONE_THREAD_BELOW:
+            return one_cpu_thread()
+        return nullcontext()
+
+
+def _per_value(
+    factor: torch.Tensor, images: torch.Tensor, layout: torch.memory_format
+) -> torch.Tensor:
+    """A per-channel factor (1, C, 1, 1) repeated for every value of one image, flattened in
+    the memory order of `layout`."""
+    one = factor.expand(1, *images.shape[1:]).contiguous(memory_format=layout)
+    return (one.permute(0, 2, 3, 1) if layout == torch.channels_last else one).flatten()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The memory order of a 4-d batch: NCHW, NHWC (channels_last), or None for neither."""
+    if x.dim() != 4:
+        return None
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
