@@ -280,15 +280,20 @@ class _Normed(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _step_both_ways(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+def _step_both_ways(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None = None
+) -> tuple:
+    """One step of a copy of `model` on the whole batch and one of another copy in halves:
+    (copy, outputs, loss) of each."""
     whole = copy.deepcopy(model)
-    out = whole(x)
-    loss = F.cross_entropy(out, y)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        out = whole(x)
+        loss = F.cross_entropy(out, y)
     loss.backward()
     halves = copy.deepcopy(model)
     split = BatchSplit(2)
     assert split.prepare(halves)
-    loss2, out2 = split.forward_backward(halves, F.cross_entropy, x, y)
+    loss2, out2 = split.forward_backward(halves, F.cross_entropy, x, y, autocast=autocast)
     return (whole, out.detach(), loss.detach()), (halves, out2, loss2)
 
 
@@ -326,18 +331,6 @@ def test_batchnorm_over_halves_on_channels_last_fp32_batches(two_threads: None) 
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _bf16_step_both_ways(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
-    whole = copy.deepcopy(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = whole(x)
-        F.cross_entropy(out, y).backward()
-    halves = copy.deepcopy(model)
-    split = BatchSplit(2)
-    assert split.prepare(halves)
-    _, out2 = split.forward_backward(halves, F.cross_entropy, x, y, autocast=torch.bfloat16)
-    return (whole, out.detach()), (halves, out2)
-
-
 def test_batchnorm_over_halves_under_bf16_autocast_takes_its_statistics_in_fp32(
     two_threads: None,
 ) -> None:
@@ -347,7 +340,8 @@ def test_batchnorm_over_halves_under_bf16_autocast_takes_its_statistics_in_fp32(
         model.conv1.weight[:, 0] += 50 / 9
     x = torch.randn(16, 3, 12, 12).contiguous(memory_format=torch.channels_last)
     x[:, 0] = 1.0
-    (whole, out), (halves, out2) = _bf16_step_both_ways(model, x, torch.randint(0, 10, (16,)))
+    y = torch.randint(0, 10, (16,))
+    (whole, out, _), (halves, out2, _) = _step_both_ways(model, x, y, torch.bfloat16)
     assert out2.dtype == out.dtype == torch.bfloat16
     torch.testing.assert_close(out2.float(), out.float(), rtol=0.02, atol=0.02)
     # bn1 sees the same bf16 values either way: its statistics match to fp32 rounding (a
@@ -367,7 +361,7 @@ def test_batchnorm_over_halves_in_bf16_is_as_close_to_fp32_as_the_whole_batch(
     torch.manual_seed(0)
     model = build_model(compose_cfg(["model=cnn"]).model)
     x, y = _batch(32)
-    (whole, _), (halves, _) = _bf16_step_both_ways(model, x, y)
+    (whole, _, _), (halves, _, _) = _step_both_ways(model, x, y, torch.bfloat16)
     exact = copy.deepcopy(model)
     F.cross_entropy(exact(x), y).backward()
 
