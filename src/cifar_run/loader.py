@@ -65,18 +65,18 @@ class DeviceLoader:
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(
             1, -1, 1, 1
         )
-        # The same per value of one image, in NCHW and in NHWC order (`_normalized`).
-        self._per_value = (
-            {
+        # The same per value of one image, in NCHW and in NHWC order, for the CPU's
+        # normalization (`_normalized`).
+        self._per_value: dict[torch.memory_format, tuple[torch.Tensor, torch.Tensor]] = {}
+        if device.type == "cpu" and self.images.dim() == 4:
+            image = self.images.shape[1:]
+            self._per_value = {
                 layout: (
-                    _per_value(self.scale, self.images, layout),
-                    _per_value(self.shift, self.images, layout),
+                    _per_value(self.scale, image, layout),
+                    _per_value(self.shift, image, layout),
                 )
                 for layout in (torch.contiguous_format, torch.channels_last)
             }
-            if self.images.dim() == 4
-            else {}
-        )
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """The batch's uint8 images. index_select copies whole rows; `images[idx]` (advanced
@@ -96,7 +96,7 @@ class DeviceLoader:
         scaled in place by factors per value of an image, one vectorised pass each, and
         then put in the memory format if it is not already (0.05 ms from NHWC rows)."""
         layout = _layout(x)
-        if x.device.type != "cpu" or layout is None or x.shape[1:] != self.images.shape[1:]:
+        if layout not in self._per_value or x.shape[1:] != self.images.shape[1:]:
             out = torch.empty(
                 x.shape, dtype=torch.float32, device=x.device, memory_format=self.memory_format
             )
@@ -152,11 +152,11 @@ class DeviceLoader:
 
 
 def _per_value(
-    factor: torch.Tensor, images: torch.Tensor, layout: torch.memory_format
+    factor: torch.Tensor, image: torch.Size, layout: torch.memory_format
 ) -> torch.Tensor:
-    """A per-channel factor (1, C, 1, 1) repeated for every value of one image, flattened in
-    the memory order of `layout`."""
-    one = factor.expand(1, *images.shape[1:]).contiguous(memory_format=layout)
+    """A per-channel factor (1, C, 1, 1) repeated for every value of one image of shape
+    `image` (C, H, W), flattened in the memory order of `layout`."""
+    one = factor.expand(1, *image).contiguous(memory_format=layout)
     return (one.permute(0, 2, 3, 1) if layout == torch.channels_last else one).flatten()
 
 
