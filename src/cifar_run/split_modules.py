@@ -137,30 +137,27 @@ class _WholeBatchNorm(torch.autograd.Function):
         # The input gradient over the whole batch, xhat the normalized input:
         #   dx = scale * (grad - sum(grad) / n - xhat * sum(grad * xhat) / n)
         # The sums: this half's (its weight and bias gradients), swapped with the other's.
-        if grad.dtype == scale.dtype:
-            _, dw, db = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [False, True, True]
-            )
-            (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+        # In bf16 or fp16 (autocast) the three terms of dx nearly cancel, so torch's kernel
+        # takes them over this half too, in fp32, rounded once (its sums the half's).
+        reduced = grad.dtype != scale.dtype
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [reduced, True, True]
+        )
+        (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
+        if reduced:
+            # Add what the whole batch's sums change, a smaller term (m: the half's count):
+            #   scale * (db_h / m - db / n) + scale * xhat * (dw_h / m - dw / n)
+            m = x.numel() // x.shape[1]
+            slope = scale * invstd * (dw / m - (dw0 + dw1) / ctx.n)
+            offset = scale * (db / m - (db0 + db1) / ctx.n)
+            dx += torch.batch_norm(x, slope, offset, mean, ones, False, 0.0, 0.0, False)
+        else:
             # dx = slope * (x - mean) + offset + scale * grad; the per-channel affine map by
             # torch's inference BatchNorm kernel (unit variance, no eps), the fastest here.
             slope = -scale * invstd * (dw0 + dw1) / ctx.n
             offset = -scale * (db0 + db1) / ctx.n
             dx = torch.batch_norm(x, slope, offset, mean, ones, False, 0.0, 0.0, False)
             dx.addcmul_(scale.view(_CHANNEL), grad)
-        else:
-            # bf16 or fp16 (autocast): the three terms of dx nearly cancel, so they are
-            # taken in fp32 and rounded once, by torch's own kernel over this half (its sums
-            # the half's: count m), plus what the whole batch's sums change, a smaller term:
-            #   scale * (db_h / m - db / n) + scale * xhat * (dw_h / m - dw / n)
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, None, None, mean, invstd, True, ctx.bn.eps, [True, True, True]
-            )
-            (dw0, db0), (dw1, db1) = ctx.swap(ctx.rank, (id(ctx.bn), "backward"), (dw, db))
-            m = x.numel() // x.shape[1]
-            slope = scale * invstd * (dw / m - (dw0 + dw1) / ctx.n)
-            offset = scale * (db / m - (db0 + db1) / ctx.n)
-            dx += torch.batch_norm(x, slope, offset, mean, ones, False, 0.0, 0.0, False)
         if weight is None:
             return dx, None, None, None, None, None
         return dx, dw, db, None, None, None
