@@ -35,27 +35,35 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
+def _named_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _whole_then_halves(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """A step of `model` on the whole batch, then (gradients cleared) one in halves: the
+    (loss, outputs, gradients by name) of each."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    whole = (loss.detach(), out.detach(), _named_grads(model))
+    model.zero_grad(set_to_none=True)
+    split = BatchSplit(2)
+    assert split.prepare(model)
+    loss2, out2 = split.forward_backward(model, F.cross_entropy, x, y)
+    split.close()
+    return whole, (loss2, out2, _named_grads(model))
+
+
 @pytest.mark.parametrize("n", [64, 63, 2, 1])
 def test_halves_give_the_loss_outputs_and_gradients_of_the_whole_batch(
     n: int, two_threads: None
 ) -> None:
     torch.manual_seed(0)
-    model = LeNet5()
-    x, y = _batch(n)
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    loss.backward()
-    whole = _grads(model)
-    model.zero_grad(set_to_none=True)
-
-    split = BatchSplit(2)
-    assert split.prepare(model)
-    loss2, out2 = split.forward_backward(model, F.cross_entropy, x, y)
-    split.close()
+    (loss, out, whole), (loss2, out2, halves) = _whole_then_halves(LeNet5(), *_batch(n))
     assert out2.shape == out.shape and not out2.requires_grad
-    torch.testing.assert_close(out2, out.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss2, loss.detach(), rtol=1e-5, atol=1e-6)
-    for a, b in zip(_grads(model), whole, strict=True):
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(halves.values(), whole.values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -169,27 +177,13 @@ def _pruned_lenet() -> LeNet5:
     return model
 
 
-def _pruned_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 def test_a_pruned_model_gets_the_whole_batch_gradient_through_its_masks(
     two_threads: None,
 ) -> None:
     model = _pruned_lenet()
     hooks = {m: list(m._forward_pre_hooks.values()) for m in model.modules()}
-    x, y = _batch(32)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    whole = _pruned_grads(model)
-    model.zero_grad(set_to_none=True)
-
-    split = BatchSplit(2)
-    assert split.prepare(model)
-    loss2, _ = split.forward_backward(model, F.cross_entropy, x, y)
-    split.close()
-    torch.testing.assert_close(loss2, loss.detach(), rtol=1e-5, atol=1e-6)
-    halves = _pruned_grads(model)
+    (loss, _, whole), (loss2, _, halves) = _whole_then_halves(model, *_batch(32))
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
     assert halves.keys() == whole.keys() and "features.0.weight_orig" in halves
     for name, g in halves.items():
         torch.testing.assert_close(g, whole[name], rtol=1e-4, atol=1e-6, msg=name)
