@@ -129,9 +129,12 @@ class BatchSplit:
             finally:
                 # Never leave the helper running on the model past an error in this thread.
                 wait([helper])
-        for p, g in zip(wanted, grads, strict=True):
-            _add_grad(p, g)
-        masked.to_unpruned()
+            # On this thread's share of the threads: on every thread the add of LeNet-5's
+            # largest gradient (48,000 values, past torch's grain size) first woke the other
+            # thread, and its ten adds took 0.15 ms against 0.05 here.
+            for p, g in zip(wanted, grads, strict=True):
+                _add_grad(p, g)
+            masked.to_unpruned()
         return loss + loss2, torch.cat([out, out2])
 
     def close(self) -> None:
