@@ -47,6 +47,8 @@ def test_epochs_0_tests_the_checkpoint_as_the_original_run_did(
     with open(tmp_path / "eval" / "metrics.csv", newline="") as f:
         assert list(csv.DictReader(f)) == []  # the header only: no epoch ran
     assert not (tmp_path / "eval" / "loss.png").exists()
+    # Nothing to resume without a pruning stage (tests/test_prune_resume.py has one).
+    assert not checkpoint.state_path(tmp_path / "eval").exists()
     tested = torch.load(tmp_path / "eval" / "checkpoints" / "best.pt", weights_only=True)
     original = torch.load(best, weights_only=True)
     assert all(torch.equal(tested[k], original[k]) for k in original)

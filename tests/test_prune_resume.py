@@ -11,6 +11,7 @@ import torch
 
 from cifar_run import checkpoint
 from cifar_run.errors import CheckpointError
+from cifar_run.models.lenet import LeNet5
 from cifar_run.reproducibility import set_deterministic
 from cifar_run.run import run
 
@@ -124,6 +125,31 @@ def test_fine_tuning_with_ema_resumes_its_average(
     point = torch.load(checkpoint.stage_path(run_dir), weights_only=True)
     assert point["step"] == 2 and point["finetune"]["ema"] is not None
     resumed, _ = _run_with(-1, run_dir, [*args, "resume=true"], monkeypatch)
+    _assert_same_stage(resumed, run_dir, straight)
+
+
+def test_an_epochs_0_stage_resumes_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # epochs=0 prunes the weights of ckpt_path: its state.pt, written at "epoch 0", lets a
+    # stage stopped in fine-tuning go on from prune_state.pt rather than start again.
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(LeNet5().state_dict(), weights)
+    args = [a for a in STAGED if not a.startswith("epochs=")]
+    args += ["epochs=0", f"ckpt_path={weights}"]
+    straight = tmp_path / "straight"
+    run(compose_cfg(args), straight)
+    run_dir = tmp_path / "run"
+    finetune_forwards = STEPS_PER_EPOCH * 6  # two steps of 3 fine-tuning epochs
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run_with(9 + 5, run_dir, args, monkeypatch)  # step 2, its second epoch
+    assert torch.load(checkpoint.state_path(run_dir), weights_only=True)["epoch"] == 0
+    point = torch.load(checkpoint.stage_path(run_dir), weights_only=True)
+    assert point["step"] == 2 and point["finetune"]["epoch"] == 1
+
+    resumed, counting = _run_with(-1, run_dir, [*args, "resume=true"], monkeypatch)
+    assert counting.calls == finetune_forwards - STEPS_PER_EPOCH * (3 + 1)
     _assert_same_stage(resumed, run_dir, straight)
 
 

@@ -335,6 +335,19 @@ def _train(
             report.write_metrics(out_dir, loop.history)
         checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     history = loop.history
+    save_state = partial(
+        checkpoint.save,
+        out_dir,
+        loop,
+        model=model,
+        optimizer=optimizer,
+        scheduler=schedule,
+        generators=generators,
+        cfg=cfg,
+        device=device,
+        scaler=scaler,
+        ema=ema,
+    )
     early_stop = cfg.get("early_stop")
     for epoch in range(loop.epoch + 1, cfg.epochs + 1):
         # Checked before each epoch rather than after, so that a run resumed from the
@@ -393,19 +406,7 @@ def _train(
         if out_dir is not None:
             report.write_metrics(out_dir, history)
             checkpoint.save_weights(out_dir, checkpoint.LAST_FILE, checkpoint.cpu_state(evaluated))
-            # Last: the files above are redone on resume; this one says what is done.
-            checkpoint.save(
-                out_dir,
-                loop,
-                model=model,
-                optimizer=optimizer,
-                scheduler=schedule,
-                generators=generators,
-                cfg=cfg,
-                device=device,
-                scaler=scaler,
-                ema=ema,
-            )
+            save_state()  # last: the files above are redone on resume; this says what is done
 
     if loop.best_state is None:  # epochs=0: the weights of ckpt_path, validated as they are
         val = stage_data.evaluate(net, val_batches)
@@ -414,6 +415,11 @@ def _train(
         if out_dir is not None:
             report.write_metrics(out_dir, history)
         checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
+        # Fine-tuning in a pruning stage can take longer than the training did: with this
+        # resume point at "epoch 0", an interrupted stage goes on from its own
+        # prune_state.pt instead of starting again. Evaluating alone needs none.
+        if settings.enabled and out_dir is not None:
+            save_state()
     best_acc, best_epoch = loop.best_acc, loop.best_epoch
     # The test set is evaluated once, with the weights chosen on validation.
     model.load_state_dict(loop.best_state)
