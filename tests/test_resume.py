@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_run import checkpoint
+from cifar_run import checkpoint, cli
 from cifar_run.engine import NonFiniteLoss, train_one_epoch
 from cifar_run.errors import CheckpointError, TrainingDiverged
 from cifar_run.models.lenet import LeNet5
@@ -496,3 +496,26 @@ def test_every_optimizer_and_schedule_state_loads_with_weights_only(
     assert data["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
     if scheduler is not None:
         assert data["scheduler"] == scheduler.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("files", "where"),
+    [
+        ([checkpoint.STATE_FILE], "resume from the last finished epoch"),
+        ([checkpoint.STATE_FILE, checkpoint.STAGE_FILE], "resume where the pruning stage stopped"),
+        ([], "no epoch had finished"),
+    ],
+    ids=["training", "pruning-stage", "nothing"],
+)
+def test_ctrl_c_says_where_the_resume_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: list[Path], where: str
+) -> None:
+    for file in files:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        cli._interrupted(tmp_path, None, dry_run=False)
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"cifar-run: interrupted; {where}"), err
+    assert len(err.strip().splitlines()) == 1

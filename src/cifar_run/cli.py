@@ -359,7 +359,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoReturn:
     """Ctrl-C: one line saying how to carry on instead of a traceback; exit 130 as shells do.
     run() has already marked the run failed in results.json (error: KeyboardInterrupt)."""
-    from cifar_run.checkpoint import state_path
+    from cifar_run.checkpoint import stage_path, state_path
 
     if dry_run:
         how = "nothing was written"
@@ -369,10 +369,12 @@ def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoRetur
             "skipped, the interrupted one resumes from its last finished epoch"
         )
     elif state_path(out_dir).is_file():
-        how = (
-            "resume from the last finished epoch: the same command plus "
-            f"resume=true hydra.run.dir={out_dir}"
+        where = (
+            "where the pruning stage stopped"
+            if stage_path(out_dir).is_file()
+            else "from the last finished epoch"
         )
+        how = f"resume {where}: the same command plus resume=true hydra.run.dir={out_dir}"
     else:
         how = f"no epoch had finished in {out_dir}, so there is nothing to resume: run it again"
     print(f"cifar-run: interrupted; {how}", file=sys.stderr, flush=True)
