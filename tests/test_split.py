@@ -4,6 +4,8 @@ the same run twice, and only for models where halves are valid."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from cifar_run import accel
+from cifar_run import accel, cores
 from cifar_run.engine import train_one_epoch
 from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
@@ -97,6 +99,42 @@ def test_halves_run_on_two_threads_with_one_cpu_thread_each(two_threads: None) -
     assert len({ident for ident, _ in seen}) == 2  # the caller and the helper
     assert {threads for _, threads in seen} == {1}
     assert torch.get_num_threads() == 2  # the caller's count comes back
+
+
+@pytest.mark.parametrize("threads", [3, 4, 5])
+def test_each_half_keeps_its_share_of_the_threads(threads: int) -> None:
+    # torch gives a thread its process-wide default count when the thread first runs a
+    # parallel op, and the caller's settings move that default: with 3 threads the helper
+    # ran on 2 instead of 1. Counts only: on a 2-core machine they oversubscribe, no matter.
+    seen: dict[str, int] = {}
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen[threading.current_thread().name] = torch.get_num_threads()
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Probe(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    with cores.cpu_threads(threads):
+        split = BatchSplit(threads)
+        assert split.prepare(model)
+        for _ in range(2):
+            split.forward_backward(model, F.cross_entropy, *_batch(8))
+        split.close()
+        assert torch.get_num_threads() == threads
+    helper = next(name for name in seen if name != threading.current_thread().name)
+    assert seen[helper] == threads // 2
+    assert seen[threading.current_thread().name] == threads - threads // 2
+
+
+def test_making_a_split_first_thing_leaves_the_callers_thread_count() -> None:
+    # In a fresh process the calling thread has not yet taken its count from torch's
+    # process-wide default, which the helper's own setting changes.
+    code = (
+        "import torch; torch.set_num_threads(2); from cifar_run.split import BatchSplit; "
+        "BatchSplit(2); print(torch.get_num_threads())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "2"
 
 
 def test_helper_takes_autocast_too(two_threads: None) -> None:

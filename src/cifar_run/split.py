@@ -61,14 +61,19 @@ class BatchSplit:
         self.main_threads = max(1, threads - threads // 2)
         self.helper_threads = max(1, threads // 2)
         # torch's CPU thread count is per thread: the helper sets its own once, here, before
-        # anything runs beside it (setting it also resets a oneDNN cache).
+        # anything runs beside it (setting it also resets a oneDNN cache). Setting a count
+        # also changes torch's process-wide default, which a thread takes as its count when
+        # it first asks for one or runs a parallel op: so this thread asks first, and gets
+        # the default back after the helper's set.
+        here = torch.get_num_threads()
         self._helper = ThreadPoolExecutor(
             1,
             thread_name_prefix="cifar-run-half",
-            initializer=torch.set_num_threads,
+            initializer=_own_threads,
             initargs=(self.helper_threads,),
         )
         self._helper.submit(int).result()
+        torch.set_num_threads(here)
         # Prepared models, and whether each draws random numbers (dropout).
         self._draws: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -139,6 +144,15 @@ class BatchSplit:
 
     def close(self) -> None:
         self._helper.shutdown()
+
+
+def _own_threads(count: int) -> None:
+    """Give the calling thread `count` CPU threads for good. It asks for its count first:
+    torch sets a thread's count from its process-wide default when the thread first asks or
+    runs a parallel op, and by the helper's first op the calling thread's settings have moved
+    that default (with 3 threads the helper then ran on 2, not 1)."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
