@@ -319,35 +319,25 @@ def _train(
     # The weights evaluated, selected, tested and pruned: the model's, or their average's.
     ema = weight_average(model, cfg.ema) if cfg.get("ema") is not None else None
     evaluated = model if ema is None else ema.module
+    # What state.pt holds the state of: restored from it on resume, saved into it after
+    # every epoch, so the two cannot list different objects.
+    stateful = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": schedule,
+        "generators": generators,
+        "scaler": scaler,
+        "ema": ema,
+    }
     loop = LoopState()
     if resume_from is not None:
-        loop = checkpoint.restore(
-            resume_from,
-            model=model,
-            optimizer=optimizer,
-            scheduler=schedule,
-            generators=generators,
-            scaler=scaler,
-            ema=ema,
-        )
+        loop = checkpoint.restore(resume_from, **stateful)
         log.info("resuming after epoch %d of %d from %s", loop.epoch, cfg.epochs, resume_from.path)
         if out_dir is not None:  # files of an epoch that ran past the checkpoint are redone
             report.write_metrics(out_dir, loop.history)
         checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     history = loop.history
-    save_state = partial(
-        checkpoint.save,
-        out_dir,
-        loop,
-        model=model,
-        optimizer=optimizer,
-        scheduler=schedule,
-        generators=generators,
-        cfg=cfg,
-        device=device,
-        scaler=scaler,
-        ema=ema,
-    )
+    save_state = partial(checkpoint.save, out_dir, loop, cfg=cfg, device=device, **stateful)
     early_stop = cfg.get("early_stop")
     for epoch in range(loop.epoch + 1, cfg.epochs + 1):
         # Checked before each epoch rather than after, so that a run resumed from the
