@@ -95,9 +95,11 @@ def run_script(
     return _run([sys.executable, str(REPO / "scripts" / name), *args], cwd, env, timeout)
 
 
-def run_code(code: str, *args: str, cwd: Path, timeout: float = 120):
+def run_code(
+    code: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+):
     """`python -c CODE ARGS` in a subprocess, with this checkout's src/ first on the path."""
-    return _run([sys.executable, "-c", code, *args], cwd, None, timeout)
+    return _run([sys.executable, "-c", code, *args], cwd, env, timeout)
 
 
 def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

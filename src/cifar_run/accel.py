@@ -1,5 +1,5 @@
 """Speed settings: mixed precision, memory format, convolution weight gradients, batch halves
-and torch.compile (CPU thread counts: cifar_run.cores).
+and torch.compile (CPU thread counts: cifar_run.cores; the C heap: cifar_run.heap).
 
 Plain values in, torch objects out; run.py and scripts/bench.py read the config and call
 these, so the CLI and the benchmark train the same way. The rules, and the measurements
@@ -17,6 +17,7 @@ from cifar_run.constants import PRECISIONS
 from cifar_run.conv_grad import use_tap_weight_grads
 from cifar_run.cores import small_ops_on_one_thread
 from cifar_run.errors import UserError
+from cifar_run.heap import keep_freed_memory
 from cifar_run.split import BatchSplit, suits
 
 
@@ -159,8 +160,11 @@ def speed_setup(
     batches in halves on two threads where that suits the model (`split`) or else run small
     ops on one thread (CPU, not under compile; `op_threads`), compile if asked and pick the
     batches' memory format: one call, so run.py and scripts/bench.py train the same way.
-    Keep `model` for state dicts and pruning."""
+    On the CPU the C heap keeps freed memory for the next step (cifar_run.heap; for the
+    whole process). Keep `model` for state dicts and pruning."""
     resolved = resolve_precision(precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     tap_conv_grads(model, device, compile=compile)
     halves = batch_split(model, device, resolved, compile) if split else None
     # Not both: the hooks' thread counts are those of a whole batch on every thread.
