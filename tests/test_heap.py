@@ -23,11 +23,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 ROUNDS = """
 import resource, sys
 import torch
-from cifar_run import accel, heap
+from cifar_run import heap
 if sys.argv[1] == "kept":
     assert heap.keep_freed_memory(environ={})
-if sys.argv[1] == "speed_setup":
-    accel.speed_setup(torch.nn.Linear(2, 2), torch.device("cpu"), "fp32")
 def one_round():
     blocks = [torch.ones(4 << 20) for _ in range(8)]
     del blocks
@@ -55,11 +53,6 @@ def test_freed_blocks_are_reused_without_page_faults(tmp_path) -> None:
     kept = faults("kept", tmp_path, GIVE_BACK)  # the settings override the environment's
     assert given_back > 4 * PAGES_PER_ROUND  # every page of the five rounds faulted again
     assert kept < PAGES_PER_ROUND / 2
-
-
-@pytest.mark.skipif(not GLIBC, reason="mallopt's settings exist in glibc only")
-def test_speed_setup_keeps_freed_memory(tmp_path) -> None:
-    assert faults("speed_setup", tmp_path) < PAGES_PER_ROUND / 2
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt's settings exist in glibc only")
