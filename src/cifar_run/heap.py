@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 # mallopt's parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -40,18 +41,18 @@ SETTINGS = {
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def _user_chose(environ: dict[str, str]) -> bool:
+def _user_chose(environ: Mapping[str, str]) -> bool:
     return any(v in environ for v in USER_VARIABLES) or "glibc.malloc." in environ.get(
         "GLIBC_TUNABLES", ""
     )
 
 
-def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
+def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     """Keep freed blocks of up to 32 MB in the process's heaps for reuse, instead of
     returning them to the kernel (module doc). Returns whether the settings were made: on
     Linux with glibc, unless `environ` (default: os.environ) sets glibc's malloc variables.
     Process-wide and lasting; calling it again changes nothing."""
-    environ = dict(os.environ) if environ is None else environ
+    environ = os.environ if environ is None else environ
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if _user_chose(environ):
@@ -61,6 +62,7 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; a value glibc refuses leaves its default in place.
+    # mallopt returns 1 on success; a value glibc refuses leaves its default in place. Every
+    # setting is tried (a list, not a short-circuiting all()).
     results = [mallopt(param, value) for param, value in SETTINGS.items()]
     return all(r == 1 for r in results)
