@@ -3,7 +3,9 @@ batches (--compare format, the default), fp32 against bf16 autocast (--compare p
 optimizer steps on every CPU thread against one (--compare step-threads), the textbook
 conv, activation, max pool against the pool first (--compare pool-order), or every op on
 every thread against small ops on one (--compare op-threads), or the whole batch against
-halves of it on two threads (--compare batch-split).
+halves of it on two threads (--compare batch-split), or small linear layers under bf16
+autocast against the same in fp32 (--compare linear-precision, in halves where cifar-run
+splits batches).
 
 For a config given as cifar-run overrides, the script builds the model twice (same seed,
 same weights) with cifar-run's speed settings (precision, conv_grad's convolutions on the
@@ -16,10 +18,11 @@ precision), `precision=auto` on the CPU (bf16 / fp32, in the memory format cifar
 pool-first order of LeNet-5 and `model=cnn` (pool-act / act-pool; the script builds the
 act-pool arm by moving each max pool back behind the ReLU it precedes) and
 `cores.small_ops_on_one_thread` (small-ops-one / ops-every-thread) and `accel.batch_split`
-(halves / whole-batch). Apart from what is compared, both arms train as cifar-run does,
-except that only the halves arm splits batches. With --prune AMOUNT both arms train the
-model pruned as the pruning stage leaves it (global L1 over its Conv2d and Linear
-weights, torch's masks attached), as its fine-tuning does.
+(halves / whole-batch) and `accel.fp32_small_linears` (fp32-linears / bf16-linears).
+Apart from what is compared, both arms train as cifar-run does, except that only the
+halves arm splits batches (and both arms of --compare linear-precision). With --prune
+AMOUNT both arms train the model pruned as the pruning stage leaves it (global L1 over its
+Conv2d and Linear weights, torch's masks attached), as its fine-tuning does.
 
 OpenMP's waiting policy is read once per process, so compare it by running the script in
 separate processes, e.g. `GOMP_SPINCOUNT=300000 python scripts/bench_step.py ...` against
@@ -36,11 +39,13 @@ Example (the figures in docs/benchmarks.md, "Memory format of LeNet-5"):
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare batch-split
     PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare batch-split \
         --prune 0.5
+    PYTHONPATH=src python scripts/bench_step.py experiment=report000 --compare linear-precision
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -67,6 +72,7 @@ STEP_THREADS = ("every-thread", "one-thread")
 POOL_ORDERS = ("act-pool", "pool-act")
 OP_THREADS = ("ops-every-thread", "small-ops-one")
 BATCH_SPLIT = ("whole-batch", "halves")
+LINEARS = ("bf16-linears", "fp32-linears")
 COMPARED = {
     "format": FORMATS,
     "precision": PRECISIONS,
@@ -74,6 +80,7 @@ COMPARED = {
     "pool-order": POOL_ORDERS,
     "op-threads": OP_THREADS,
     "batch-split": BATCH_SPLIT,
+    "linear-precision": LINEARS,
 }  # --compare: the two arms of each
 
 
@@ -103,7 +110,8 @@ def parse_args() -> argparse.Namespace:
         default="format",
         help="NCHW vs channels_last batches (default), fp32 vs bf16 autocast, optimizer "
         "steps on every thread vs one, activation before max pool vs after, or every op "
-        "on every thread vs small ops on one, or whole batches vs halves on two threads",
+        "on every thread vs small ops on one, whole batches vs halves on two threads, or "
+        "small linear layers in bf16 vs fp32 under autocast",
     )
     parser.add_argument(
         "--prune",
@@ -139,12 +147,15 @@ def main() -> None:
             CPU,
             precision,
             op_threads=name != "ops-every-thread",
-            split=name == "halves",
+            split=name in ("halves", *LINEARS),
+            fp32_linears=name != "bf16-linears",
         )
         if args.prune:  # after speed_setup, as in a run: the pruning stage comes last
             apply_global_l1(prunable_parameters(model), args.prune)
         if name == "halves" and not (speed.split and speed.split.prepare(model)):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
+        if name in LINEARS and speed.split and not speed.split.prepare(model):
+            speed = dataclasses.replace(speed, split=None)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":
             cores.one_thread_steps(optimizer, CPU)
