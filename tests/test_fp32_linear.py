@@ -99,3 +99,21 @@ def test_speed_setup_swaps_for_bf16_on_the_cpu_and_can_be_told_not_to() -> None:
     net = LeNet5()
     accel.speed_setup(net, CPU, "fp32", split=False)
     assert {type(m) for m in net.classifier if isinstance(m, nn.Linear)} == {nn.Linear}
+
+
+def test_compiled_model_keeps_the_fp32_route_and_trains() -> None:
+    torch.manual_seed(0)
+    eager = LeNet5()
+    use_fp32_linears(eager)
+    net = copy.deepcopy(eager)
+    speed = accel.speed_setup(net, CPU, "bf16", compile=True)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = speed.net(x)
+        expected = eager(x)
+    assert out.dtype == torch.float32  # the head left autocast inside the compiled graph
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    F.cross_entropy(out, y).backward()
+    grad = net.classifier[1].weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(grad.abs().sum() > 0)
