@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from cifar_run import accel
-from cifar_run.fp32_linear import MAX_FP32_WEIGHTS, Fp32Linear, use_fp32_linears
+from cifar_run.fp32_linear import MAX_FP32_MACS, Fp32Linear, use_fp32_linears
 from cifar_run.models.lenet import LeNet5
 
 CPU = torch.device("cpu")
@@ -19,17 +19,31 @@ BF16 = accel.Precision("bf16", torch.bfloat16)
 FP32 = accel.Precision("fp32", None)
 
 
-def test_only_plain_linear_layers_up_to_the_size_limit_are_swapped() -> None:
+def test_every_plain_linear_layer_is_swapped_and_keeps_its_state() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(400, 120), nn.ReLU(), nn.Linear(1024, 1025), nn.Linear(4, 2))
+    net = nn.Sequential(nn.Linear(400, 120), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(4, 2))
     before = copy.deepcopy(net.state_dict())
-    assert 1024 * 1025 > MAX_FP32_WEIGHTS >= 400 * 120
-    assert use_fp32_linears(net) == 2
-    assert [type(m) for m in net] == [Fp32Linear, nn.ReLU, nn.Linear, Fp32Linear]
+    assert use_fp32_linears(net) == 3
+    assert [type(m) for m in net] == [Fp32Linear, nn.ReLU, Fp32Linear, Fp32Linear]
     after = net.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert use_fp32_linears(net) == 0  # already swapped: nothing to do twice
+
+
+def test_calls_above_the_size_limit_keep_autocasts_bf16() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 1024)
+    use_fp32_linears(layer)
+    small_rows = MAX_FP32_MACS // (1024 * 1024)  # the most rows that stay in fp32
+    assert small_rows >= 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small = layer(torch.randn(small_rows, 1024))
+        large = layer(torch.randn(small_rows + 1, 1024))
+        batched = layer(torch.randn(2, small_rows, 1024))  # rows count every leading dim
+    assert small.dtype == torch.float32
+    assert large.dtype == torch.bfloat16
+    assert batched.dtype == torch.bfloat16
 
 
 def test_under_cpu_autocast_the_layer_computes_in_fp32_from_the_cast_up_input() -> None:

@@ -6,11 +6,14 @@ costs some 30 us per multiply before any arithmetic, and its backward casts the 
 back. For the classifier heads of CIFAR nets (LeNet-5's 400 -> 120 -> 84 -> 10, ResNet's
 512 -> 10) that fixed cost is most of the layer: forward and backward of LeNet-5's first
 linear layer at batch 32 took 488 us in bf16 and 277 in fp32, and ResNet-18's head at batch
-128 548 against 258 (one thread; docs/benchmarks.md, "Small linear layers in fp32"). So
-linear layers of at most `MAX_FP32_WEIGHTS` weights run in fp32 there: their input is cast
-up (a no-op after another such layer) and their output stays fp32, which the loss computes
-in anyway. Larger layers keep autocast's bf16, where its matrix units pay (1.3-1.5x at
-1024 x 1024 and more, one thread).
+128 548 against 258 (one thread; docs/benchmarks.md, "Small linear layers in fp32"). So a
+linear layer's call runs in fp32 there when it is small, at most `MAX_FP32_MACS`
+multiply-adds (rows of the input x in_features x out_features): its input is cast up (a
+no-op after another such layer) and its output stays fp32, which the loss computes in
+anyway. Larger calls keep autocast's bf16, where the matrix units pay. fp32 time over bf16
+time on one thread (each half of a batch in halves runs on one): 0.45-0.57 up to 1.5 M
+multiply-adds, 0.77 at 4 M (32 rows, 512 -> 256), 0.84-1.01 at 8 M, 1.11-1.20 at 17 M,
+1.31-1.56 from 34 M up. On two threads fp32 stayed faster up to 128 x 2048 x 2048.
 
 `Fp32Linear` is an `nn.Linear` with the same parameters and state dict (the swap changes
 the class only, as conv_grad does), so pruning's hooks and checkpoints see a plain Linear.
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_FP32_WEIGHTS = 1 << 20  # in_features * out_features; 1024 x 1024 was even at 2 threads
+MAX_FP32_MACS = 1 << 23  # multiply-adds of one call: rows * in_features * out_features
 
 
 class Fp32Linear(nn.Linear):
@@ -31,18 +34,18 @@ class Fp32Linear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
             return super().forward(input)
+        if input.numel() * self.out_features > MAX_FP32_MACS:
+            return super().forward(input)
         with torch.autocast("cpu", enabled=False):
             return F.linear(input.float(), self.weight, self.bias)
 
 
 def use_fp32_linears(model: nn.Module) -> int:
-    """Turn every plain nn.Linear of `model` with at most MAX_FP32_WEIGHTS weights into an
-    Fp32Linear, in place. Returns how many were changed."""
+    """Turn every plain nn.Linear of `model` into an Fp32Linear, in place. Returns how many
+    were changed."""
     changed = 0
     for module in model.modules():
-        if type(module) is not nn.Linear:
-            continue
-        if module.in_features * module.out_features <= MAX_FP32_WEIGHTS:
+        if type(module) is nn.Linear:
             module.__class__ = Fp32Linear
             changed += 1
     return changed
