@@ -5,8 +5,9 @@ config's optimizer, lr and augmentation, no schedule) and at each of --at steps 
 on one fixed training batch:
 
   bf16       the gradient under bf16 autocast as cifar-run trains (channels_last batches,
-             conv_grad's convolutions on the CPU) against the fp32 gradient of the same
-             weights and batch: relative error |g_bf16 - g_fp32| / |g_fp32| and cosine
+             conv_grad's convolutions and fp32_linear's small linear calls on the CPU)
+             against the fp32 gradient of the same weights and batch: relative error
+             |g_bf16 - g_fp32| / |g_fp32| and cosine
   per layer  the layers with the largest relative error
   batch      for scale, the fp32 gradient of another batch against the first: the
              minibatch noise that SGD already lives with
@@ -62,14 +63,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def as_trained_in_bf16(net: nn.Module) -> nn.Module:
+    """`net` (in place) with the layers cifar-run swaps in for bf16 on the CPU: conv_grad's
+    convolutions and fp32_linear's linear layers."""
+    accel.tap_conv_grads(net, CPU)
+    accel.fp32_small_linears(net, CPU, accel.resolve_precision("bf16", CPU))
+    return net
+
+
 def gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool
 ) -> dict[str, torch.Tensor]:
     """Training-mode gradients of a copy of `model` (its weights and BatchNorm statistics
-    stay as they are); under bf16 the copy runs with cifar-run's CPU convolutions."""
+    stay as they are); under bf16 the copy runs with cifar-run's CPU layers."""
     net = copy.deepcopy(model).train()
     if bf16:
-        accel.tap_conv_grads(net, CPU)
+        as_trained_in_bf16(net)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         F.cross_entropy(net(x), y).backward()
     return {name: p.grad.detach().float() for name, p in net.named_parameters()}
@@ -83,6 +92,8 @@ def compare(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[f
 
 @torch.no_grad()
 def predictions(model: nn.Module, batches: DeviceLoader, bf16: bool) -> torch.Tensor:
+    if bf16:
+        model = as_trained_in_bf16(copy.deepcopy(model))
     model.eval()
     out = []
     for x, _ in batches:
