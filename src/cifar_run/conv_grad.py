@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_run.module_swap import swap_classes
+
 MAX_TAP_PIXELS = 64  # output maps up to 8x8: weight gradient by taps
 MAX_GEMM_PIXELS = 16  # output maps up to 4x4: the whole convolution as matrix multiplies
 MIN_TAP_CHANNELS = 128 * 128  # in_channels * out_channels; 64 x 64 at 8x8 was faster in oneDNN
@@ -206,9 +208,4 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def use_tap_weight_grads(model: nn.Module) -> int:
     """Turn every plain nn.Conv2d of `model` into a TapConv2d, in place (same parameters,
     buffers and state-dict keys). Returns how many were changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = TapConv2d
-            changed += 1
-    return changed
+    return swap_classes(model, {nn.Conv2d: TapConv2d})

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_run.module_swap import swap_classes
+
 MAX_FP32_MACS = 1 << 23  # multiply-adds of one call: rows * in_features * out_features
 
 
@@ -43,9 +45,4 @@ class Fp32Linear(nn.Linear):
 def use_fp32_linears(model: nn.Module) -> int:
     """Turn every plain nn.Linear of `model` into an Fp32Linear, in place. Returns how many
     were changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = Fp32Linear
-            changed += 1
-    return changed
+    return swap_classes(model, {nn.Linear: Fp32Linear})

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifar_run.module_swap import swap_classes
+
 # How long one half waits for the other at a BatchNorm before giving up: both run the same
 # layers at the same time, so only a half that never arrives (an error, a model whose two
 # halves take different paths) gets near it.
@@ -236,7 +238,4 @@ RANDOM = (HalvesDropout, HalvesDropout2d)
 def for_halves(model: nn.Module) -> None:
     """Give `model`'s BatchNorm2d, Dropout and Dropout2d modules their split-step behaviour
     (FOR_HALVES), in place."""
-    for module in model.modules():
-        halves = FOR_HALVES.get(type(module))
-        if halves is not None:
-            module.__class__ = halves
+    swap_classes(model, FOR_HALVES)
