@@ -78,17 +78,20 @@ def unpack_images(kit: Path, folder: Path) -> int:
     return len(index)
 
 
+def tree_bytes(folder: Path) -> int:
+    """The bytes of every file under `folder`."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def copy_packages(site: Path) -> int:
-    """This environment's copies of PACKAGES into `site`, without bytecode caches."""
+    """This environment's copies of PACKAGES into `site`, without bytecode caches. Returns
+    the bytes copied."""
     import importlib
 
-    total = 0
     for name in PACKAGES:
         source = Path(importlib.import_module(name).__file__).parent
-        target = site / name
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        total += sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    return total
+        shutil.copytree(source, site / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return sum(tree_bytes(site / name) for name in PACKAGES)
 
 
 def fetch_airbench(site: Path, version: str = AIRBENCH) -> None:
@@ -121,12 +124,11 @@ def fetch_airbench(site: Path, version: str = AIRBENCH) -> None:
 
 
 def tracked_bytes() -> int:
-    files = subprocess.run(
+    names = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.split(b"\0")
-    return sum(
-        (ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file()
-    )
+    paths = [ROOT / name.decode() for name in names if name]
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def pack(data: Path, kit: Path, airbench: bool = False) -> None:
@@ -139,7 +141,7 @@ def pack(data: Path, kit: Path, airbench: bool = False) -> None:
     if airbench:
         fetch_airbench(kit / "site")
     copy_packages(kit / "site")
-    site = sum(p.stat().st_size for p in (kit / "site").rglob("*") if p.is_file())
+    site = tree_bytes(kit / "site")  # airbench included
     repo = tracked_bytes()
     total = images + site + repo
     mib = 1 << 20

@@ -34,12 +34,11 @@ class Fp32Linear(nn.Linear):
     """nn.Linear that leaves CPU autocast for fp32 (module doc)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-            return super().forward(input)
-        if input.numel() * self.out_features > MAX_FP32_MACS:
-            return super().forward(input)
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(input.float(), self.weight, self.bias)
+        small = input.numel() * self.out_features <= MAX_FP32_MACS  # rows * in * out
+        if input.device.type == "cpu" and small and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(input.float(), self.weight, self.bias)
+        return super().forward(input)
 
 
 def use_fp32_linears(model: nn.Module) -> int:
