@@ -161,7 +161,8 @@ class ArmResult:
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children (the
-    DataLoader workers, which exit at the end of each epoch)."""
+    DataLoader workers, which exit at the end of each epoch, and the helper process of
+    batch halves, closed at the end of an arm)."""
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -263,6 +264,8 @@ def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | Non
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(stats.images / stats.seconds)
         images, seconds, loss = images + stats.images, seconds + stats.seconds, stats.loss
+    if speed.split is not None:  # a helper process's CPU time counts once it has exited
+        speed.split.close()
     cpu = cpu_seconds() - cpu
     acc = math.nan
     if max_steps is None:

@@ -73,14 +73,18 @@ POOL_ORDERS = ("act-pool", "pool-act")
 OP_THREADS = ("ops-every-thread", "small-ops-one")
 BATCH_SPLIT = ("whole-batch", "halves")
 LINEARS = ("bf16-linears", "fp32-linears")
+HALF_HELPERS = ("helper-thread", "helper-process")
+POOLS = ("bf16-pools", "fp32-pools")
 COMPARED = {
     "format": FORMATS,
     "precision": PRECISIONS,
     "step-threads": STEP_THREADS,
     "pool-order": POOL_ORDERS,
+    "half-helper": HALF_HELPERS,
     "op-threads": OP_THREADS,
     "batch-split": BATCH_SPLIT,
     "linear-precision": LINEARS,
+    "pool-precision": POOLS,
 }  # --compare: the two arms of each
 
 
@@ -147,14 +151,22 @@ def main() -> None:
             CPU,
             precision,
             op_threads=name != "ops-every-thread",
-            split=name in ("halves", *LINEARS),
+            split=name in ("halves", *LINEARS, *HALF_HELPERS, *POOLS),
             fp32_linears=name != "bf16-linears",
+            process_halves=name in ("helper-process", *LINEARS, *POOLS),
+            fp32_pools=name != "bf16-pools",
         )
         if args.prune:  # after speed_setup, as in a run: the pruning stage comes last
             apply_global_l1(prunable_parameters(model), args.prune)
         if name == "halves" and not (speed.split and speed.split.prepare(model)):
             raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit batch halves")
-        if name in LINEARS and speed.split and not speed.split.prepare(model):
+        if (
+            name in (*LINEARS, *HALF_HELPERS, *POOLS)
+            and speed.split
+            and not speed.split.prepare(model)
+        ):
+            if name in HALF_HELPERS:
+                raise SystemExit(f"bench_step.py: model={cfg.model.name} does not suit halves")
             speed = dataclasses.replace(speed, split=None)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
         if name != "every-thread":
@@ -179,6 +191,12 @@ def main() -> None:
                 loss.backward()
             optimizer.step()
 
+    for name, (speed, _, _) in arms.items():  # a helper process starts after some steps
+        deadline = time.monotonic() + 120
+        while speed.split is not None and speed.split.wants_process and not speed.split.in_process:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench_step.py: the helper process did not take the model")
+            steps(name, 50)
     print(
         f"config: model={cfg.model.name} batch_size={cfg.batch_size} prune={args.prune} "
         f"precision={', '.join(speed.precision.name for speed, _, _ in arms.values())}, "

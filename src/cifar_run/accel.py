@@ -19,12 +19,18 @@ from cifar_run.conv_grad import use_tap_weight_grads
 from cifar_run.cores import small_ops_on_one_thread
 from cifar_run.errors import UserError
 from cifar_run.fp32_linear import use_fp32_linears
+from cifar_run.fp32_pool import use_fp32_pools
 from cifar_run.heap import keep_freed_memory
-from cifar_run.split import BatchSplit, suits
+from cifar_run.split import PROCESS_AFTER, BatchSplit, suits
 
 
 def batch_split(
-    model: nn.Module, device: torch.device, precision: Precision, compile: bool = False
+    model: nn.Module,
+    device: torch.device,
+    precision: Precision,
+    compile: bool = False,
+    processes: bool = True,
+    process_after: int = PROCESS_AFTER,
 ) -> BatchSplit | None:
     """Halves of each training batch on two threads (cifar_run.split) where they suit: on
     the CPU with several threads, for a model `split.suits` (no norm layer but BatchNorm2d,
@@ -34,11 +40,14 @@ def batch_split(
     On the 2-vCPU guest a LeNet-5 step at batch 64 took 4.2 ms that way against 4.9 with
     the whole batch and small ops on one thread, and 1.2-1.4x less at batch sizes from 8 to
     512 (docs/benchmarks.md, "Batch halves on two threads"). None where it does not
-    apply."""
+    apply. `processes`, `process_after`: the second halves of a model without BatchNorm or
+    dropout go to a helper process after that many steps (BatchSplit)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or compile or precision.dtype == torch.float16:
         return None
-    return BatchSplit(threads) if suits(model) else None
+    if not suits(model):
+        return None
+    return BatchSplit(threads, processes=processes, process_after=process_after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +138,16 @@ def tap_conv_grads(model: nn.Module, device: torch.device, compile: bool = False
     return use_tap_weight_grads(model)
 
 
+def fp32_narrow_pools(model: nn.Module, device: torch.device, precision: Precision) -> int:
+    """Under CPU bf16 autocast, let the model's max pools over fewer than 8 channels compute
+    in fp32, to the same bits (cifar_run.fp32_pool: LeNet-5's first pool, 0.22 ms of a
+    3.2 ms one-thread half step). Returns how many pools may take that route: none on CUDA
+    or without bf16 autocast."""
+    if device.type != "cpu" or precision.dtype != torch.bfloat16:
+        return 0
+    return use_fp32_pools(model)
+
+
 def fp32_small_linears(model: nn.Module, device: torch.device, precision: Precision) -> int:
     """Under CPU autocast, let the model's linear layers compute small calls in fp32, where
     they were about twice as fast as in bf16 (cifar_run.fp32_linear: a one-thread LeNet-5
@@ -169,11 +188,15 @@ def speed_setup(
     op_threads: bool = True,
     split: bool = True,
     fp32_linears: bool = True,
+    process_halves: bool = True,
+    fp32_pools: bool = True,
 ) -> Speed:
-    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile) and
-    fp32_linear's small linear layers (CPU autocast; `fp32_linears`), split
+    """Resolve `precision`, swap in conv_grad's convolutions (CPU, not under compile),
+    fp32_linear's small linear layers (CPU autocast; `fp32_linears`) and fp32_pool's max
+    pools (CPU bf16 autocast; `fp32_pools`), split
     batches in halves on two threads where that suits the model (`split`) or else run small
-    ops on one thread (CPU, not under compile; `op_threads`), compile if asked and pick the
+    ops on one thread (CPU, not under compile; `op_threads`), the second halves in a helper
+    process where the model allows (`process_halves`), compile if asked and pick the
     batches' memory format: one call, so run.py and scripts/bench.py train the same way.
     On the CPU the C heap keeps freed memory for the next step (cifar_run.heap; for the
     whole process). Keep `model` for state dicts and pruning."""
@@ -183,7 +206,9 @@ def speed_setup(
     tap_conv_grads(model, device, compile=compile)
     if fp32_linears:
         fp32_small_linears(model, device, resolved)
-    halves = batch_split(model, device, resolved, compile) if split else None
+    if fp32_pools:
+        fp32_narrow_pools(model, device, resolved)
+    halves = batch_split(model, device, resolved, compile, process_halves) if split else None
     # Not both: the hooks' thread counts are those of a whole batch on every thread.
     if halves is None and op_threads and not compile:  # dynamo would trace the thread switches
         small_ops_on_one_thread(model, device)

@@ -61,10 +61,21 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         return False
-    optimizer.register_step_pre_hook(lambda *_: torch.set_num_threads(1))
-    # Back to the count of the time the hooks were added (a step that raises leaves one
-    # thread, but it ends the run).
-    optimizer.register_step_post_hook(lambda *_: torch.set_num_threads(threads))
+    before = [threads]  # the count in use when the step began
+
+    def to_one(*_: object) -> None:
+        before[0] = torch.get_num_threads()
+        if before[0] != 1:  # every set clears oneDNN's cache of the thread's convolutions
+            torch.set_num_threads(1)
+
+    def back(*_: object) -> None:
+        if before[0] != 1:
+            torch.set_num_threads(before[0])
+
+    optimizer.register_step_pre_hook(to_one)
+    # Back to the count of before the step (a step that raises leaves one thread, but it
+    # ends the run).
+    optimizer.register_step_post_hook(back)
     return True
 
 

@@ -96,36 +96,43 @@ def train_one_epoch(
     # epochs ran in halves.
     if split is not None and (scaler is not None or not split.prepare(model)):
         split = None
-    for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
-        lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
-        optimizer.zero_grad(set_to_none=True)
-        if split is not None:
-            loss, out = split.forward_backward(model, criterion, x, y, autocast=autocast)
-        else:
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = model(x)
-                loss = criterion(out, y)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-        if grad_clip is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip what the step will apply, not the scaled
-            nn.utils.clip_grad_norm_(params, grad_clip)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        if after_step is not None:
-            after_step()
-        if step_scheduler is not None:
-            step_scheduler()
-        loss_sum += loss.detach() * y.shape[0]
-        # Mixed batches (cifar_run.mix) carry label probabilities: a prediction counts as
-        # correct when it names the label with the larger share.
-        labels = y.argmax(1) if y.ndim == 2 else y
-        correct += (out.detach().argmax(1) == labels).sum()
-        n += y.shape[0]
-        recent.add(loss, lr)
+    # A step with a helper process leaves this thread at its share of the CPU threads for
+    # the rest of the epoch (BatchSplit.forward_backward): every thread again after it.
+    threads = torch.get_num_threads()
+    try:
+        for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
+            lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
+            optimizer.zero_grad(set_to_none=True)
+            if split is not None:
+                loss, out = split.forward_backward(model, criterion, x, y, autocast=autocast)
+            else:
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    out = model(x)
+                    loss = criterion(out, y)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if grad_clip is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip what the step will apply, not the scaled
+                nn.utils.clip_grad_norm_(params, grad_clip)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            if after_step is not None:
+                after_step()
+            if step_scheduler is not None:
+                step_scheduler()
+            loss_sum += loss.detach() * y.shape[0]
+            # Mixed batches (cifar_run.mix) carry label probabilities: a prediction counts as
+            # correct when it names the label with the larger share.
+            labels = y.argmax(1) if y.ndim == 2 else y
+            correct += (out.detach().argmax(1) == labels).sum()
+            n += y.shape[0]
+            recent.add(loss, lr)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     recent.check()
     return _stats(loss_sum, correct, n, t0)
 

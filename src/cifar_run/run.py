@@ -264,10 +264,30 @@ def _train(
     resume_from: checkpoint.Checkpoint | None = None,
     settings: PruningSettings | None = None,
 ) -> dict[str, Any]:
+    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
+    try:
+        return _train_with(
+            speed, cfg, model, optimizer, augment, device, out_dir, resume_from, settings
+        )
+    finally:
+        if speed.split is not None:  # its helper thread and process end with the run
+            speed.split.close()
+
+
+def _train_with(
+    speed: accel.Speed,
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    augment: Any,
+    device: torch.device,
+    out_dir: Path | None,
+    resume_from: checkpoint.Checkpoint | None,
+    settings: PruningSettings | None,
+) -> dict[str, Any]:
     settings = settings or PruningSettings()
     splits = _load(cfg)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
-    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
     net, precision, scaler = speed.net, speed.precision, speed.scaler  # `model`: save, prune
     log.info(
         "precision %s, %d CPU threads, compile %s, batches in halves %s",

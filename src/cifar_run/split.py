@@ -26,6 +26,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import prune
 
+from cifar_run import split_process
 from cifar_run.cores import cpu_threads
 from cifar_run.split_modules import RANDOM, Half, HalfStopped, Swap, for_halves, set_half
 
@@ -52,14 +54,28 @@ def suits(model: nn.Module) -> bool:
     return True
 
 
+# Steps in halves before a helper process starts: a shorter run never pays for its start.
+PROCESS_AFTER = 200
+
+
 class BatchSplit:
     """Forward and backward of each training batch as two halves on two threads: the
     calling thread takes the first half with `threads - threads // 2` CPU threads, a helper
-    thread the second with `threads // 2` (at least one each)."""
+    thread the second with `threads // 2` (at least one each).
 
-    def __init__(self, threads: int) -> None:
+    `processes`: once a model that suits (split_process.suits) has trained `process_after`
+    steps in halves, a helper process starts in the background and, when ready, takes the
+    second halves in place of the helper thread (the same numbers, to the bit)."""
+
+    def __init__(
+        self, threads: int, processes: bool = True, process_after: int = PROCESS_AFTER
+    ) -> None:
         self.main_threads = max(1, threads - threads // 2)
         self.helper_threads = max(1, threads // 2)
+        self._processes = processes and split_process.available()
+        self._process_after = process_after
+        self._steps = 0  # in halves, of models that suit a helper process
+        self._process: split_process.HalfProcess | None = None
         # torch's CPU thread count is per thread: the helper sets its own once, here, before
         # anything runs beside it (setting it also resets a oneDNN cache). Setting a count
         # also changes torch's process-wide default, which a thread takes as its count when
@@ -76,6 +92,10 @@ class BatchSplit:
         torch.set_num_threads(here)
         # Prepared models, and whether each draws random numbers (dropout).
         self._draws: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        # And whether each suits a helper process (split_process.suits).
+        self._process_suits: weakref.WeakKeyDictionary[nn.Module, bool] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def prepare(self, model: nn.Module) -> bool:
         """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d and
@@ -85,7 +105,30 @@ class BatchSplit:
             return False
         for_halves(model)
         self._draws[model] = any(isinstance(m, RANDOM) for m in model.modules())
+        self._process_suits[model] = split_process.suits(model)
         return True
+
+    @property
+    def wants_process(self) -> bool:
+        """Whether a helper process will take the second halves of the models prepared."""
+        return self._processes and any(self._process_suits.values())
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the helper process has taken a model's halves (and still holds one)."""
+        return self._process is not None and self._process.loaded
+
+    def _helper_process(self, model: nn.Module) -> split_process.HalfProcess | None:
+        """The helper process, if `model` may use it and it is ready; starts it once the
+        model has trained enough steps."""
+        if not (self._processes and self._process_suits[model]):
+            return None
+        if self._process is None:
+            self._steps += 1
+            if self._steps <= self._process_after:
+                return None
+            self._process = split_process.HalfProcess(self.helper_threads)
+        return self._process if self._process.ready else None
 
     def forward_backward(
         self,
@@ -100,7 +143,13 @@ class BatchSplit:
         gradients left in the parameters' `.grad` as `loss.backward()` would leave them
         (added to what is there). Returns the batch's loss and the model's outputs, both
         detached. A batch of one image runs whole on the calling thread. The model must be
-        `prepare`d."""
+        `prepare`d.
+
+        A step with the helper process leaves the calling thread at its share of the CPU
+        threads (`main_threads`), for the rest of the training step and the next batch:
+        with every thread they woke a second OpenMP thread on the core the helper runs on
+        (a LeNet-5 step 3-6% slower). The caller sets its count back after the epoch
+        (train_one_epoch does)."""
         if model not in self._draws:
             raise ValueError("BatchSplit.forward_backward: prepare(model) first")
         n = x.shape[0]
@@ -120,30 +169,77 @@ class BatchSplit:
         first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
         wanted = [masked.leaf(p) for p in params]  # the helper's: masked weights as leaves
         second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, wanted, halves[1])
-        # Set while the helper is idle, as above, and restored once it is again.
-        with masked, cpu_threads(self.main_threads):
-            helper = self._helper.submit(_piece, *second)
-            try:
-                try:
-                    loss, out = _piece(*first)
-                except HalfStopped:
-                    wait([helper])
-                    helper.result()  # the helper's own error: it stopped first
-                    raise
-                loss2, out2, grads = helper.result()
-            finally:
-                # Never leave the helper running on the model past an error in this thread.
-                wait([helper])
+        process = self._helper_process(model)
+        if process is not None:
+            key = _process_key(model, criterion, params, masked, x[half:], y[half:])
+            process_to_load = None if process.holds(key, n - half) else process
+            if process_to_load is not None:
+                process = None
+        else:
+            process_to_load = None
+        # Set while the helper is idle, as above, and restored once it is again; with a
+        # helper process, kept (see `forward_backward`'s doc).
+        threads = nullcontext() if process is not None else cpu_threads(self.main_threads)
+        if process is not None and torch.get_num_threads() != self.main_threads:
+            torch.set_num_threads(self.main_threads)
+        with masked, threads:
+            if process is not None:
+                loss, out, loss2, out2, grads = _with_process(process, first, second, n)
+            else:
+                loss, out, loss2, out2, grads = _with_thread(self._helper, first, second)
             # On this thread's share of the threads: on every thread the add of LeNet-5's
             # largest gradient (48,000 values, past torch's grain size) first woke the other
             # thread, and its ten adds took 0.15 ms against 0.05 here.
+            # (The helper process's are views of its buffers, copied where kept.)
             for p, g in zip(wanted, grads, strict=True):
-                _add_grad(p, g)
+                _add_grad(p, g, copy=process is not None)
             masked.to_unpruned()
+        if process_to_load is not None:  # outside `masked`: the model as it stands
+            model.share_memory()  # in place; the tensors move, so the key is taken again
+            key = _process_key(model, criterion, params, masked, x[half:], y[half:])
+            process_to_load.load(key, model, criterion, x[half:], y[half:], out2, loss2, grads)
         return loss + loss2, torch.cat([out, out2])
 
     def close(self) -> None:
         self._helper.shutdown()
+        if self._process is not None:
+            self._process.close()
+
+
+def _with_thread(helper: ThreadPoolExecutor, first: tuple, second: tuple) -> tuple:
+    """The first half here, the second on the helper thread: both losses and outputs, and
+    the second's gradients."""
+    future = helper.submit(_piece, *second)
+    try:
+        try:
+            loss, out = _piece(*first)
+        except HalfStopped:
+            wait([future])
+            future.result()  # the helper's own error: it stopped first
+            raise
+        loss2, out2, grads = future.result()
+    finally:
+        # Never leave the helper running on the model past an error in this thread.
+        wait([future])
+    return loss, out, loss2, out2, grads
+
+
+def _with_process(
+    process: split_process.HalfProcess, first: tuple, second: tuple, batch: int
+) -> tuple:
+    """As _with_thread, with the second half in the helper process (which holds the model)."""
+    _, _, x2, y2, _, autocast, _, _ = second
+    process.start(x2, y2, batch, autocast)
+    try:
+        loss, out = _piece(*first)
+    except BaseException:
+        try:  # never leave the helper running on the model past an error here
+            process.result()
+        except RuntimeError:
+            pass  # this thread's error is the one to report
+        raise
+    loss2, out2, grads = process.result()
+    return loss, out, loss2, out2, grads
 
 
 def _own_threads(count: int) -> None:
@@ -155,13 +251,34 @@ def _own_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
+def _add_grad(p: torch.Tensor, g: torch.Tensor | None, copy: bool = False) -> None:
     if g is None:
         return
     if p.grad is None:
-        p.grad = g
+        p.grad = g.clone() if copy else g
     else:
         p.grad.add_(g)
+
+
+def _process_key(
+    model: nn.Module,
+    criterion: Criterion,
+    params: list[torch.Tensor],
+    masked: _MaskedWeights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple:
+    """What a helper process's copy of `model` depends on: the tensors it trains and their
+    masks (pruning adds and replaces both: so does the end of pruning), the criterion and
+    the layout of a second half (rows aside). Models there have no other buffers that
+    change (split_process.suits: no norm layers)."""
+    return (
+        id(model),
+        id(criterion),
+        tuple((p.data_ptr(), p.shape) for p in params),
+        masked.masks(),
+        tuple((t.shape[1:], t.dtype, t.stride()[1:]) for t in (x, y)),
+    )
 
 
 class _MaskedWeights:
@@ -193,6 +310,13 @@ class _MaskedWeights:
                 leaf.requires_grad_(orig.requires_grad)
                 self._tensors.append((module, method._tensor_name, orig, leaf))
         self._leaves = {id(orig): leaf for _, _, orig, leaf in self._tensors}
+
+    def masks(self) -> tuple:
+        """Where each pruned tensor's mask is, and its name."""
+        return tuple(
+            (name, getattr(module, name + "_mask").data_ptr())
+            for module, name, _, _ in self._tensors
+        )
 
     def leaf(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor whose gradient the halves take in place of parameter `p`."""
