@@ -45,6 +45,10 @@ IDLE_SECONDS = 1.0
 LONG_NAP_SECONDS = 0.01  # and after that (an evaluation, a checkpoint)
 LOAD_SECONDS = 120.0  # how long the calling process waits for the helper to take a model
 ALIVE_EVERY = 1 << 16  # spins between checks that the helper still runs
+# Spins (about 0.1 us each) after which a wait gives its core to any other runnable thread
+# at every spin: with more threads than cores (a busy machine, `threads` above the cores)
+# the helper may be waiting for this one.
+YIELD_AFTER = 1 << 14
 
 
 def available() -> bool:
@@ -183,6 +187,8 @@ class HalfProcess:
         spins = 0
         while self._c[DONE] < self._step:
             spins += 1
+            if spins > YIELD_AFTER:  # a long wait: the helper may want this core
+                os.sched_yield()
             if spins % ALIVE_EVERY == 0 and not self._process.is_alive():
                 self._loaded = None
                 raise RuntimeError("batch halves: the helper process stopped")
@@ -253,6 +259,7 @@ def _serve(control: torch.Tensor, inbox: object, errors: object, threads: int, p
             if spins < 1 << 10:
                 continue
             spins = 0
+            os.sched_yield()  # as the caller's wait does, for a machine with fewer cores
             if not inbox.empty():
                 message = inbox.get()
                 if message is None:
