@@ -4,6 +4,7 @@ errors reach the caller; the helper never outlives its caller."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -157,6 +158,45 @@ def test_training_an_epoch_with_the_helper_process_equals_the_helper_thread(
         weights.append([p.detach().clone() for p in model.parameters()])
         split.close()
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def test_a_helper_process_killed_mid_run_hands_the_halves_back_to_the_thread(
+    two_threads: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = _Pair()
+    with caplog.at_level(logging.INFO, logger="cifar_run.split"):
+        _in_process(pair.splits[1], pair.models[1])
+    assert "a helper process (pid" in caplog.text
+    assert _same(*pair.step(*_batch(64, 0), None))
+    helper = pair.splits[1]._process
+    os.kill(helper.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    helper._process.join(timeout=10)
+    # A step that started before the death was seen finds it gone while it waits.
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, "cifar_run.split"):
+        patch.setattr(split_process.HalfProcess, "ready", property(lambda self: True))
+        assert _same(*pair.step(*_batch(64, 1), None))
+    assert "the helper process stopped (exit code -9); the second halves go back" in caplog.text
+    # And the steps after it: on the thread, the same numbers, no second helper.
+    for seed in (2, 3):
+        assert _same(*pair.step(*_batch(64, seed), None))
+    assert not pair.splits[1].in_process
+    assert pair.splits[1]._process is helper
+    pair.close()
+
+
+def test_a_helper_process_killed_during_a_step_is_noticed_in_that_step(
+    two_threads: None,
+) -> None:
+    pair = _Pair()
+    _in_process(pair.splits[1], pair.models[1])
+    helper = pair.splits[1]._process
+    x, y = _batch(16, 0)  # the buffers' size: _in_process's batches
+    os.kill(helper.pid, signal.SIGSTOP)  # so that it cannot answer before it dies
+    helper.start(x[8:], y[8:], 16, None)
+    os.kill(helper.pid, signal.SIGKILL)
+    with pytest.raises(split_process.HelperGone, match="exit code -9"):
+        helper.result()
+    pair.close()
 
 
 def test_an_unpicklable_criterion_keeps_the_helper_thread(two_threads: None) -> None:

@@ -23,6 +23,7 @@ state: `suits` refuses other norm and dropout layers.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -39,6 +40,8 @@ from cifar_run.cores import cpu_threads
 from cifar_run.split_modules import RANDOM, Half, HalfStopped, Swap, for_halves, set_half
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_log = logging.getLogger(__name__)
 
 
 def suits(model: nn.Module) -> bool:
@@ -197,7 +200,14 @@ class BatchSplit:
         if process_to_load is not None:  # outside `masked`: the model as it stands
             model.share_memory()  # in place; the tensors move, so the key is taken again
             key = _process_key(model, criterion, params, masked, x[half:], y[half:])
-            process_to_load.load(key, model, criterion, x[half:], y[half:], out2, loss2, grads)
+            taken = process_to_load.load(
+                key, model, criterion, x[half:], y[half:], out2, loss2, grads
+            )
+            if taken and process_to_load.models_taken == 1:
+                _log.info(
+                    "batch halves: a helper process (pid %d) takes the second halves",
+                    process_to_load.pid,
+                )
         return loss + loss2, torch.cat([out, out2])
 
     def close(self) -> None:
@@ -238,7 +248,13 @@ def _with_process(
         except RuntimeError:
             pass  # this thread's error is the one to report
         raise
-    loss2, out2, grads = process.result()
+    try:
+        loss2, out2, grads = process.result()
+    except split_process.HelperGone as gone:
+        # The same numbers on this thread; the split finds the helper gone from now on
+        # (HalfProcess.ready) and gives the next halves to its helper thread.
+        _log.warning("%s; the second halves go back to a helper thread", gone)
+        loss2, out2, grads = _piece(*second)
     return loss, out, loss2, out2, grads
 
 

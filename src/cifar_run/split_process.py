@@ -65,6 +65,10 @@ def suits(model: nn.Module) -> bool:
     return True
 
 
+class HelperGone(RuntimeError):
+    """The helper process stopped (killed, or out of memory) while it held a step."""
+
+
 @dataclass
 class _Loaded:
     """What the helper holds now, and the shared buffers of a step."""
@@ -104,14 +108,18 @@ class HalfProcess:
         return bool(self._c[READY]) and self._process.is_alive()
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
     def models_taken(self) -> int:
         """How many times the helper has taken a model."""
         return int(self._c[LOADED])
 
     @property
     def loaded(self) -> bool:
-        """Whether the helper holds a model."""
-        return self._loaded is not None
+        """Whether the helper holds a model (and still runs)."""
+        return self._loaded is not None and self._process.is_alive()
 
     def holds(self, key: tuple, rows: int) -> bool:
         """Whether the helper holds the model, criterion and buffers `key` names (see
@@ -191,7 +199,9 @@ class HalfProcess:
                 os.sched_yield()
             if spins % ALIVE_EVERY == 0 and not self._process.is_alive():
                 self._loaded = None
-                raise RuntimeError("batch halves: the helper process stopped")
+                raise HelperGone(
+                    f"batch halves: the helper process stopped (exit code {self._process.exitcode})"
+                )
         loaded = self._loaded
         assert loaded is not None
         if self._c[FAILED]:
