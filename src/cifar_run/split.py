@@ -19,6 +19,10 @@ once per step on the calling thread, as leaves both halves use, and their gradie
 through the mask to the unpruned weight after both are done, as autograd would take it
 (`_MaskedWeights`). What else makes halves valid is that the model keeps no other per-call
 state: `suits` refuses other norm and dropout layers.
+
+For a model without BatchNorm or dropout, a helper process takes the second halves once it
+has started (cifar_run.split_process): the two threads' handoffs of the GIL cost a LeNet-5
+step more than the process's shared-memory exchange (5.1 against 3.9 ms).
 """
 
 from __future__ import annotations
