@@ -34,13 +34,17 @@ def set_threads(threads: int | None) -> int:
 
 @contextmanager
 def cpu_threads(count: int) -> Iterator[None]:
-    """CPU ops inside run on `count` threads; the count in use before comes back on exit."""
+    """CPU ops inside run on `count` threads; the count in use before comes back on exit.
+    A count already in use is not set again: every set clears oneDNN's cache of the
+    thread's convolutions."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(count)
+    if count != threads:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def one_cpu_thread() -> AbstractContextManager[None]:

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_run.constants import TTA_MODES
+from cifar_run.cores import cpu_threads
 from cifar_run.split import BatchSplit
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -98,8 +99,7 @@ def train_one_epoch(
         split = None
     # A step with a helper process leaves this thread at its share of the CPU threads for
     # the rest of the epoch (BatchSplit.forward_backward): every thread again after it.
-    threads = torch.get_num_threads()
-    try:
+    with cpu_threads(torch.get_num_threads()):
         for x, y in tqdm(batches, total=total, desc=desc, leave=False, disable=None):
             lr = optimizer.param_groups[0]["lr"]  # before a per-step scheduler moves it
             optimizer.zero_grad(set_to_none=True)
@@ -130,9 +130,6 @@ def train_one_epoch(
             correct += (out.detach().argmax(1) == labels).sum()
             n += y.shape[0]
             recent.add(loss, lr)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
     recent.check()
     return _stats(loss_sum, correct, n, t0)
 

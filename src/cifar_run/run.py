@@ -169,9 +169,11 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         if resume_from is None:  # a resumed run keeps the record of how it was started
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
+    speed = None
     try:
+        speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
         results.update(
-            _train(cfg, model, optimizer, augment, device, out_dir, resume_from, settings)
+            _train(speed, cfg, model, optimizer, augment, device, out_dir, resume_from, settings)
         )
     except BaseException as exc:
         if out_dir is not None:
@@ -180,6 +182,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         raise
     finally:  # small_ops_on_one_thread leaves the count of the last module run
         torch.set_num_threads(threads)
+        if speed is not None and speed.split is not None:
+            speed.split.close()  # its helper thread and process end with the run
     rows, notes = None, []
     if settings.enabled:
         rows = prune_stage.table_rows(results, report.RESULT_COLUMNS)
@@ -255,6 +259,7 @@ def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, A
 
 
 def _train(
+    speed: accel.Speed,
     cfg: DictConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -263,27 +268,6 @@ def _train(
     out_dir: Path | None,
     resume_from: checkpoint.Checkpoint | None = None,
     settings: PruningSettings | None = None,
-) -> dict[str, Any]:
-    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
-    try:
-        return _train_with(
-            speed, cfg, model, optimizer, augment, device, out_dir, resume_from, settings
-        )
-    finally:
-        if speed.split is not None:  # its helper thread and process end with the run
-            speed.split.close()
-
-
-def _train_with(
-    speed: accel.Speed,
-    cfg: DictConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    augment: Any,
-    device: torch.device,
-    out_dir: Path | None,
-    resume_from: checkpoint.Checkpoint | None,
-    settings: PruningSettings | None,
 ) -> dict[str, Any]:
     settings = settings or PruningSettings()
     splits = _load(cfg)

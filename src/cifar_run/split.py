@@ -176,14 +176,12 @@ class BatchSplit:
         first = (model, criterion, x[:half], y[:half], half / n, autocast, None, halves[0])
         wanted = [masked.leaf(p) for p in params]  # the helper's: masked weights as leaves
         second = (model, criterion, x[half:], y[half:], (n - half) / n, autocast, wanted, halves[1])
-        process = self._helper_process(model)
+        # The helper process, if it holds this model; else the one to give it to, if any.
+        process, process_to_load = self._helper_process(model), None
         if process is not None:
             key = _process_key(model, criterion, params, masked, x[half:], y[half:])
-            process_to_load = None if process.holds(key, n - half) else process
-            if process_to_load is not None:
-                process = None
-        else:
-            process_to_load = None
+            if not process.holds(key, n - half):
+                process, process_to_load = None, process
         # Set while the helper is idle, as above, and restored once it is again; with a
         # helper process, kept (see `forward_backward`'s doc).
         threads = nullcontext() if process is not None else cpu_threads(self.main_threads)
