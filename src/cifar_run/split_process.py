@@ -303,7 +303,7 @@ def _serve(control: torch.Tensor, inbox: object, errors: object, threads: int, p
                 )
             loaded.loss.copy_(loss)
             loaded.out[:rows].copy_(out)
-            for buffer, g, i in zip(loaded.grads, grads, range(len(grads)), strict=True):
+            for i, (buffer, g) in enumerate(zip(loaded.grads, grads, strict=True)):
                 loaded.has_grad[i] = g is not None
                 if g is not None:
                     buffer.copy_(g)
