@@ -1,46 +1,46 @@
-"""cifar-run against the training loop people write themselves: images/s and accuracy.
+"""cifar-run with its speed tricks, without them, and the loop people write themselves.
 
-For a config given as cifar-run overrides, the script trains two ways, in alternation
-(ours, reference, reference, ours, ...) so that load from other jobs on a shared machine hits
-both alike, for --repeats rounds of `epochs` epochs each:
+For a config given as cifar-run overrides, the script trains up to three ways, in an order
+that rotates each round so that load from other jobs on a shared machine hits all alike,
+for --repeats rounds of `epochs` epochs each:
 
-  ours       cifar-run's pipeline: the data as one uint8 tensor, batches gathered,
-             augmented and normalized by DeviceLoader, train_one_epoch with the config's
-             `precision`, channels_last batches for conv nets, `compile` (cifar_run.accel).
-  reference  the plain PyTorch loop: a torchvision-style Dataset turning each uint8 image
-             into a PIL image and applying torchvision transforms (RandomCrop(32, padding)
-             and RandomHorizontalFlip when augment=standard, then ToTensor and Normalize),
-             a DataLoader with 2 workers, an fp32 model, `loss.item()` per step.
+  auto   cifar-run as configured (`speed=auto` unless the overrides say otherwise): the
+         data as one uint8 tensor, batches gathered, augmented and normalized by
+         DeviceLoader, train_one_epoch with the config's `precision`, and the speed tricks
+         that suit the model (cifar_run.speed.setup, docs/speed.md).
+  plain  the same with `speed=plain`: no tricks, whole batches, NCHW, torch's modules.
+  loop   the plain PyTorch loop: a torchvision-style Dataset turning each uint8 image
+         into a PIL image and applying torchvision transforms (RandomCrop(32, padding)
+         and RandomHorizontalFlip when augment=standard, then ToTensor and Normalize),
+         a DataLoader with 2 workers, an fp32 model, `loss.item()` per step.
 
-Both arms get the same model (built from the config, same seed, same initial weights), the
+Every arm gets the same model (built from the config, same seed, same initial weights), the
 same data and split, batch size, optimizer, learning-rate schedule and normalization, and
-the same torch threads (one process). Each round uses seed `seed + round`, so the spread of
-accuracies over rounds shows the noise. Reported: training images/s of every round (the
-epochs' training time only, no evaluation), the medians, the median of the per-round ratios
-ours/reference, and the test accuracy of each arm after the epochs (the last epoch's
-weights; no validation-based selection, so the two are compared like with like).
+the same torch threads. Each round uses seed `seed + round`, so the spread of accuracies
+over rounds shows the noise. Reported: training images/s of every round (the epochs'
+training time only, no evaluation), the medians, the median of the per-round ratios
+auto/plain, auto/loop and plain/loop, and the test accuracy of each arm after the epochs
+(the last epoch's weights; no validation-based selection, so they compare like with like).
 
 With --isolate every round of each arm runs in a fresh process under its own default
-OpenMP settings: ours with the passive waits cifar-run sets (unless the environment sets
-OMP_WAIT_POLICY), the reference with the environment as given, i.e. libgomp's spinning
-waits, as a user's own script runs. Without it both arms share this process and cifar-run's
-setting, which is kinder to the reference (its DataLoader workers and spinning threads
-oversubscribe the cores).
+OpenMP settings: auto and plain with the passive waits cifar-run sets (unless the
+environment sets OMP_WAIT_POLICY), the loop with the environment as given, i.e. libgomp's
+spinning waits, as a user's own script runs. Without it all arms share this process and
+cifar-run's setting, which is kinder to the loop (its DataLoader workers and spinning
+threads oversubscribe the cores).
 
-The CPU is the default (the targets are for 2 CPU cores); `device=cuda` runs both arms on
-the GPU: ours with the data resident there, the reference moving each batch from its
-DataLoader with `.to(device)`. Each arm's timed interval ends in a host synchronisation.
+The CPU is the default; `device=cuda` runs every arm on the GPU: cifar-run with the data
+resident there, the loop moving each batch from its DataLoader with `.to(device)`. Each
+arm's timed interval ends in a host synchronisation.
 
 With --flops it also counts the model's FLOPs per image (torch.utils.flop_counter: forward,
 and forward + backward as trained), times large fp32 and bf16 matrix multiplies as the
 machine's ceiling, and prints the achieved FLOP/s of each arm against it.
 
 Examples (the figures in docs/benchmarks.md):
-    PYTHONPATH=src python scripts/bench.py --repeats 3 --flops experiment=report000 \\
-        prune=0 data=imagefolder data.root=../shared/data/cifar10-jpeg
-    PYTHONPATH=src python scripts/bench.py --isolate --repeats 3 experiment=report000 \\
-        prune=0 data=imagefolder data.root=../shared/data/cifar10-jpeg
-    PYTHONPATH=src python scripts/bench.py --repeats 3 --max-steps 30 --flops \\
+    PYTHONPATH=src python scripts/bench.py --isolate --repeats 3 --max-steps 60 \\
+        model=lenet5 batch_size=64 data=imagefolder data.root=../shared/data/cifar10-jpeg
+    PYTHONPATH=src python scripts/bench.py --isolate --repeats 3 --max-steps 30 \\
         model=resnet18 augment=standard batch_size=128 epochs=1 \\
         data=imagefolder data.root=../shared/data/cifar10-jpeg
 """
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 from cifar_run.constants import set_openmp_defaults  # torch-free
 
-# --isolate's reference processes get the environment as given (a plain script's defaults).
+# --isolate's loop processes get the environment as given (a plain script's defaults).
 PLAIN_ENV = "CIFAR_RUN_BENCH_PLAIN_ENV"
 GIVEN_ENV = dict(os.environ)
 if os.environ.get(PLAIN_ENV) != "1":
@@ -73,22 +73,20 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run import accel, cores  # noqa: E402
-from cifar_run.augment import build_augment, normalization  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
-from cifar_run.config import validate  # noqa: E402
-from cifar_run.data import ArraySplit, Splits  # noqa: E402
-from cifar_run.engine import evaluate, train_one_epoch  # noqa: E402
+from cifar_run.config.checks import validate  # noqa: E402
+from cifar_run.data.augment import build_augment, normalization  # noqa: E402
+from cifar_run.data.loader import DeviceLoader  # noqa: E402
+from cifar_run.data.sources import ArraySplit, Splits, load_splits  # noqa: E402
+from cifar_run.engine.loop import evaluate, train_one_epoch  # noqa: E402
+from cifar_run.engine.optim import Schedule, build_optimizer, build_scheduler  # noqa: E402
+from cifar_run.engine.precision import resolve_precision  # noqa: E402
 from cifar_run.errors import UserError  # noqa: E402
-from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
-from cifar_run.optim import Schedule, build_optimizer, build_scheduler  # noqa: E402
-from cifar_run.run import (  # noqa: E402
-    EVAL_BATCH_SIZE,
-    load_splits,
-    resolve_device,
-    seed_everything,
-)
+from cifar_run.run import EVAL_BATCH_SIZE, resolve_device, seed_everything  # noqa: E402
+from cifar_run.speed.settings import PLAIN_SETTINGS, SpeedSettings  # noqa: E402
+from cifar_run.speed.setup import speed_setup  # noqa: E402
+from cifar_run.speed.threads import set_threads  # noqa: E402
 
 REFERENCE_WORKERS = 2
 
@@ -100,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", help="cifar-run overrides, e.g. model=resnet18 batch_size=128"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of both arms (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the arms (default 3)")
     parser.add_argument(
         "--max-steps",
         type=int,
@@ -108,11 +106,10 @@ def parse_args() -> argparse.Namespace:
         help="stop each epoch after this many steps: a throughput measurement only, the test "
         "set is then not evaluated",
     )
-    parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument(
-        "--no-ours",
-        action="store_true",
-        help="the reference only (more seeds of its accuracy without re-running ours)",
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma-separated arms to run, of {', '.join(ARMS)} (default all)",
     )
     parser.add_argument(
         "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
@@ -126,8 +123,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.no_ours and args.no_reference:
-        parser.error("--no-ours and --no-reference: nothing left to run")
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or not args.arms:
+        parser.error(f"--arms {','.join(args.arms)}: choose from {', '.join(ARMS)}")
     return args
 
 
@@ -144,7 +143,7 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
     except UserError as exc:
         raise SystemExit(f"bench.py: {exc}") from None
     if cfg.augment.name not in ("none", "standard"):
-        raise SystemExit(f"bench.py: augment={cfg.augment.name}: the reference has none|standard")
+        raise SystemExit(f"bench.py: augment={cfg.augment.name}: the loop arm has none|standard")
     if cfg.sched.get("monitor") is not None:
         raise SystemExit(f"bench.py: sched={cfg.sched.name}: plateau schedules need validation")
     return cfg
@@ -217,26 +216,44 @@ def shared_training(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
 
 
 # ---------------------------------------------------------------------------------------------
-# Ours: the pieces run.py composes
+# cifar-run: the pieces run.py composes
 
 
-def train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+def train_auto(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+    return train_cifar_run(cfg, splits, seed, max_steps, SpeedSettings.from_config(cfg.speed))
+
+
+def train_plain(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+    return train_cifar_run(cfg, splits, seed, max_steps, PLAIN_SETTINGS)
+
+
+def train_cifar_run(
+    cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None, settings: SpeedSettings
+) -> ArmResult:
     threads = torch.get_num_threads()
     try:
-        return _train_ours(cfg, splits, seed, max_steps)
-    finally:  # the reference arm gets every thread (small_ops_on_one_thread may leave one)
+        return _train_cifar_run(cfg, splits, seed, max_steps, settings)
+    finally:  # the next arm gets every thread (the speed layer's hooks may leave one)
         torch.set_num_threads(threads)
 
 
-def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+def _train_cifar_run(
+    cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None, settings: SpeedSettings
+) -> ArmResult:
     t = shared_training(cfg, splits, seed, max_steps)
     device, model, optimizer = t.device, t.model, t.optimizer
     schedule, criterion = t.schedule, t.criterion
-    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
-    cores.one_thread_steps(optimizer, device)
+    speed = speed_setup(model, device, cfg.precision, cfg.compile, settings)
+    speed.optimizer(optimizer)
     net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
-    norm = {"device": device, "mean": mean, "std": std, "memory_format": speed.memory_format}
+    norm = {
+        "device": device,
+        "mean": mean,
+        "std": std,
+        "memory_format": speed.memory_format,
+        "batch_threads": speed.batch_threads(),
+    }
     train = DeviceLoader(
         splits.train,
         cfg.batch_size,
@@ -256,16 +273,15 @@ def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | Non
             criterion,
             device=device,
             step_scheduler=schedule.step_batch,
-            desc="ours",
+            desc="cifar-run",
             autocast=precision.dtype,
             scaler=scaler,
-            split=speed.split,
+            steps=speed,
         )
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(stats.images / stats.seconds)
         images, seconds, loss = images + stats.images, seconds + stats.seconds, stats.loss
-    if speed.split is not None:  # a helper process's CPU time counts once it has exited
-        speed.split.close()
+    speed.close()  # a helper process's CPU time counts once it has exited
     cpu = cpu_seconds() - cpu
     acc = math.nan
     if max_steps is None:
@@ -275,7 +291,7 @@ def _train_ours(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference: what a plain PyTorch script does
+# The loop: what a plain PyTorch script does
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -295,7 +311,7 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN001, ANN201
+def loop_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN001, ANN201
     import torchvision.transforms as T
 
     steps = []
@@ -306,7 +322,7 @@ def reference_transforms(cfg: DictConfig, mean, std, train: bool):  # noqa: ANN0
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+def train_loop(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
     from torch.utils.data import DataLoader
 
     t = shared_training(cfg, splits, seed, max_steps)
@@ -314,14 +330,14 @@ def train_reference(cfg: DictConfig, splits: Splits, seed: int, max_steps: int |
     schedule, criterion = t.schedule, t.criterion
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     train_loader = DataLoader(
-        PILDataset(splits.train, reference_transforms(cfg, mean, std, train=True)),
+        PILDataset(splits.train, loop_transforms(cfg, mean, std, train=True)),
         batch_size=cfg.batch_size,
         shuffle=True,
         num_workers=REFERENCE_WORKERS,
         generator=torch.Generator().manual_seed(seed),
     )
     test_loader = DataLoader(
-        PILDataset(splits.test, reference_transforms(cfg, mean, std, train=False)),
+        PILDataset(splits.test, loop_transforms(cfg, mean, std, train=False)),
         batch_size=EVAL_BATCH_SIZE,
         num_workers=REFERENCE_WORKERS,
     )
@@ -406,13 +422,15 @@ def _load_average() -> str:
         return "n/a"
 
 
-ARMS = {"ours": train_ours, "reference": train_reference}
+ARMS = {"auto": train_auto, "plain": train_plain, "loop": train_loop}
+# The pairs whose ratios are printed: (numerator, denominator).
+RATIOS = (("auto", "plain"), ("auto", "loop"), ("plain", "loop"))
 RESULT_TAG = "bench-result: "
 
 
 def run_child(args: argparse.Namespace, cfg: DictConfig) -> None:
     """One arm, one round, in this fresh process (--isolate); the result as a JSON line."""
-    cores.set_threads(cfg.get("threads"))
+    set_threads(cfg.get("threads"))
     res = ARMS[args.child](cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
     result = {**dataclasses.asdict(res), "openmp": _openmp(dict(os.environ))}
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -423,7 +441,7 @@ def run_isolated(arm: str, seed: int, args: argparse.Namespace) -> tuple[ArmResu
     cmd = [sys.executable, __file__, "--child", arm, "--child-seed", str(seed)]
     if args.max_steps is not None:
         cmd += ["--max-steps", str(args.max_steps)]
-    env = dict(os.environ) if arm == "ours" else {**GIVEN_ENV, PLAIN_ENV: "1"}
+    env = dict(os.environ) if arm != "loop" else {**GIVEN_ENV, PLAIN_ENV: "1"}
     proc = subprocess.run([*cmd, *args.overrides], env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
@@ -437,15 +455,43 @@ def _openmp(env: dict[str, str]) -> str:
     return ", ".join(f"{k}={env.get(k, 'unset')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
 
 
+def _median(results: list[ArmResult], attr: str) -> float:
+    return statistics.median(getattr(x, attr) for x in results)
+
+
+def print_summary(results: dict[str, list[ArmResult]]) -> None:
+    """Medians per arm, then the per-round ratios of each pair of arms that ran."""
+    print("\nsummary (medians over rounds)")
+    for name, arm in results.items():
+        print(
+            f"  {name:5s} {_median(arm, 'images_per_s'):8.1f} images/s, "
+            f"{_median(arm, 'cpu_ms_per_image'):.3f} CPU ms/image, test acc "
+            f"{_median(arm, 'test_acc'):.2f}% (rounds: "
+            f"{', '.join(f'{x.test_acc:.2f}' for x in arm)})"
+        )
+    for top, bottom in RATIOS:
+        if top not in results or bottom not in results:
+            continue
+        pairs = list(zip(results[top], results[bottom], strict=True))
+        ratios = [a.images_per_s / b.images_per_s for a, b in pairs]
+        # CPU time per image does not depend on how much of the machine other jobs take.
+        cpu = [b.cpu_ms_per_image / a.cpu_ms_per_image for a, b in pairs]
+        print(
+            f"  ratio {top}/{bottom}: median {statistics.median(ratios):.2f}x "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}); CPU time per image "
+            f"{bottom}/{top} median {statistics.median(cpu):.2f}x"
+        )
+
+
 def main() -> None:
     args = parse_args()
     cfg = compose_cfg(args.overrides)
     if args.child:
         run_child(args, cfg)
         return
-    threads = cores.set_threads(cfg.get("threads"))
+    threads = set_threads(cfg.get("threads"))
     device = resolve_device(cfg.device)
-    precision = accel.resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, "
@@ -453,17 +499,17 @@ def main() -> None:
     )
     if args.isolate:
         print(
-            f"isolated processes: ours {_openmp(dict(os.environ))}; "
-            f"reference {_openmp(GIVEN_ENV)} (unset: libgomp's spinning waits)"
+            f"isolated processes: auto and plain {_openmp(dict(os.environ))}; "
+            f"loop {_openmp(GIVEN_ENV)} (unset: libgomp's spinning waits)"
         )
     else:
-        print(f"one process, both arms: {_openmp(dict(os.environ))}")
+        print(f"one process, every arm: {_openmp(dict(os.environ))}")
     print(
         f"config: device={device} model={cfg.model.name} batch_size={cfg.batch_size} "
         f"epochs={cfg.epochs} "
         f"augment={cfg.augment.name} optim={cfg.optim.name} lr={cfg.lr} sched={cfg.sched.name} "
-        f"precision={cfg.precision} ({precision.name}) compile={cfg.compile}"
-        + (f" max_steps={args.max_steps}" if args.max_steps else "")
+        f"precision={cfg.precision} ({precision.name}) compile={cfg.compile} "
+        f"speed={cfg.speed.name}" + (f" max_steps={args.max_steps}" if args.max_steps else "")
     )
     splits = None
     if not args.isolate:
@@ -475,54 +521,26 @@ def main() -> None:
             flush=True,
         )
 
-    ours: list[ArmResult] = []
-    refs: list[ArmResult] = []
+    results: dict[str, list[ArmResult]] = {arm: [] for arm in args.arms}
     for r in range(args.repeats):
         seed = cfg.seed + r
-        arms = ["ours", "reference"] if r % 2 == 0 else ["reference", "ours"]
-        for arm in arms:
-            if (arm == "reference" and args.no_reference) or (arm == "ours" and args.no_ours):
-                continue
+        for arm in args.arms[r % len(args.arms) :] + args.arms[: r % len(args.arms)]:
             openmp = ""
             if splits is None:
                 res, openmp = run_isolated(arm, seed, args)
                 openmp = f" [{openmp}]"
             else:
                 res = ARMS[arm](cfg, splits, seed, args.max_steps)
-            (ours if arm == "ours" else refs).append(res)
+            results[arm].append(res)
             print(
-                f"round {r + 1} seed {seed} {arm:9s}: {res.images_per_s:8.1f} images/s "
+                f"round {r + 1} seed {seed} {arm:5s}: {res.images_per_s:8.1f} images/s "
                 f"(epochs: {', '.join(f'{x:.0f}' for x in res.epoch_rates)}), "
                 f"{res.cpu_ms_per_image:.3f} CPU ms/image, "
                 f"train loss {res.train_loss:.4f}, test acc {res.test_acc:.2f}%  "
                 f"[load {_load_average()}]{openmp}",
                 flush=True,
             )
-
-    def med(results: list[ArmResult], attr: str) -> float:
-        return statistics.median(getattr(x, attr) for x in results)
-
-    print("\nsummary (medians over rounds)")
-    for name, results in (("ours", ours), ("reference", refs)):
-        if results:
-            print(
-                f"  {name:9s} {med(results, 'images_per_s'):8.1f} images/s, test acc "
-                f"{med(results, 'test_acc'):.2f}% (rounds: "
-                f"{', '.join(f'{x.test_acc:.2f}' for x in results)})"
-            )
-    if ours and refs:
-        ratios = [o.images_per_s / f.images_per_s for o, f in zip(ours, refs, strict=True)]
-        print(
-            f"  ratio ours/reference: median {statistics.median(ratios):.2f}x "
-            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
-        )
-        # CPU time per image does not depend on how much of the machine other jobs take.
-        cpu = [f.cpu_ms_per_image / o.cpu_ms_per_image for o, f in zip(ours, refs, strict=True)]
-        print(
-            f"  CPU time per image: ours {med(ours, 'cpu_ms_per_image'):.3f} ms, reference "
-            f"{med(refs, 'cpu_ms_per_image'):.3f} ms (main process and workers); reference/ours "
-            f"median {statistics.median(cpu):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in cpu)})"
-        )
+    print_summary(results)
 
     if args.flops:
         fwd, train = flops_per_image(cfg)
@@ -541,12 +559,11 @@ def main() -> None:
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceilings.items())
         )
         ours_kind = precision.name if precision.name != "fp16" else "fp32"
-        for name, results, kind in (("ours", ours, ours_kind), ("reference", refs, "fp32")):
-            if not results:
-                continue
-            achieved = med(results, "images_per_s") * train
+        for name, arm in results.items():
+            kind = "fp32" if name == "loop" else ours_kind
+            achieved = _median(arm, "images_per_s") * train
             print(
-                f"  {name:9s} achieved {achieved / 1e9:7.1f} GFLOP/s = "
+                f"  {name:5s} achieved {achieved / 1e9:7.1f} GFLOP/s = "
                 f"{100 * achieved / ceilings[kind]:.1f}% of the {kind} matmul ceiling"
             )
 

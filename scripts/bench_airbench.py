@@ -30,8 +30,8 @@ import torch
 from omegaconf import open_dict
 
 from cifar_run.cli import compose_config
+from cifar_run.data.sources import load_splits
 from cifar_run.errors import UserError
-from cifar_run.run import load_splits
 
 
 def parse_args() -> argparse.Namespace:

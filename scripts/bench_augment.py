@@ -22,12 +22,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_run.augment import build_augment
 from cifar_run.cli import CONF_DIR
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_run.data import ArraySplit
-from cifar_run.engine import train_one_epoch
-from cifar_run.loader import DeviceLoader
+from cifar_run.data.augment import build_augment
+from cifar_run.data.loader import DeviceLoader
+from cifar_run.data.sources import ArraySplit
+from cifar_run.engine.loop import train_one_epoch
 from cifar_run.models.lenet import LeNet5
 
 

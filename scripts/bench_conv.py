@@ -1,4 +1,4 @@
-"""What cifar_run.conv_grad buys: convolutions on small maps as matrix multiplies, on the CPU.
+"""What cifar_run.speed.conv_grad buys: convolutions on small maps as matrix multiplies, on the CPU.
 
 Two measurements, both in one process with the two variants interleaved:
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_run.conv_grad import _GemmConv, tap_weight_grad, use_tap_weight_grads
 from cifar_run.models import build_model
+from cifar_run.speed.conv_grad import _GemmConv, tap_weight_grad, use_tap_weight_grads
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

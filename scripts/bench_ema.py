@@ -1,8 +1,8 @@
 """The per-step update of `ema`'s weight average: torch's own against cifar-run's.
 
 For each model (cifar-run `model` options), the script builds the model and two averages of
-it (`cifar_run.ema.weight_average`), then times --calls updates of each per round, torch's
-`AveragedModel.update_parameters(model)` and `cifar_run.ema.step_function`, alternating
+it (`cifar_run.engine.ema.weight_average`), then times --calls updates of each per round, torch's
+`AveragedModel.update_parameters(model)` and `cifar_run.engine.ema.step_function`, alternating
 which goes first, for --rounds rounds. Between rounds the model's tensors move (random
 noise), so every update has work to do. It prints the median ms per update of both, the
 median of the per-round ratios, and whether the two averages came out identical (they
@@ -27,7 +27,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 import torch  # noqa: E402
 
 from cifar_run.cli import compose_config  # noqa: E402
-from cifar_run.ema import step_function, weight_average  # noqa: E402
+from cifar_run.engine.ema import step_function, weight_average  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 
 

@@ -32,11 +32,11 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 
-from cifar_run.augment import build_augment  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from cifar_run.data import ArraySplit  # noqa: E402
-from cifar_run.loader import DeviceLoader  # noqa: E402
+from cifar_run.data.augment import build_augment  # noqa: E402
+from cifar_run.data.loader import DeviceLoader  # noqa: E402
+from cifar_run.data.sources import ArraySplit  # noqa: E402
 
 
 class PlainLoader(DeviceLoader):

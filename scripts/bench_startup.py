@@ -4,7 +4,7 @@ later loads of the same folder from the decode cache.
   run     wall time of `cifar-run data=imagefolder data.root=ROOT data.subset=20 epochs=1
           data.val_size=0.1` as a subprocess, from exec to exit: imports, config,
           data from the warm cache, one epoch, test, outputs and plots.
-  decode  `cifar_run.data.load_imagefolder(ROOT, cache_dir)` with an empty cache directory:
+  decode  `cifar_run.data.sources.load_imagefolder(ROOT, cache_dir)` with an empty cache directory:
           listing, decoding every JPEG, writing the cache.
   cache   the same call again, now reading the cache.
 
@@ -44,7 +44,7 @@ def time_run(root: Path, workdir: Path, cache: Path) -> float:
 
 
 def time_load(root: Path, cache: Path) -> float:
-    from cifar_run.data import load_imagefolder
+    from cifar_run.data.sources import load_imagefolder
 
     t0 = time.perf_counter()
     load_imagefolder(root, cache)
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root.resolve()
 
-    from cifar_run.data import load_imagefolder  # noqa: F401  (import cost out of the timings)
+    from cifar_run.data.sources import load_imagefolder  # noqa: F401  (import cost out of the timings)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -5,7 +5,7 @@ config's optimizer, lr and augmentation, no schedule) and at each of --at steps 
 on one fixed training batch:
 
   bf16       the gradient under bf16 autocast as cifar-run trains (channels_last batches,
-             conv_grad's convolutions and fp32_linear's small linear calls on the CPU)
+             conv_grad's convolutions on the CPU)
              against the fp32 gradient of the same weights and batch: relative error
              |g_bf16 - g_fp32| / |g_fp32| and cosine
   per layer  the layers with the largest relative error
@@ -38,15 +38,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run import accel, cores  # noqa: E402
-from cifar_run.augment import build_augment, normalization  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
-from cifar_run.config import validate  # noqa: E402
+from cifar_run.config.checks import validate  # noqa: E402
+from cifar_run.data.augment import build_augment, normalization  # noqa: E402
+from cifar_run.data.loader import DeviceLoader  # noqa: E402
+from cifar_run.data.sources import load_splits  # noqa: E402
+from cifar_run.engine.optim import build_optimizer  # noqa: E402
 from cifar_run.errors import UserError  # noqa: E402
-from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
-from cifar_run.optim import build_optimizer  # noqa: E402
-from cifar_run.run import EVAL_BATCH_SIZE, load_splits, seed_everything  # noqa: E402
+from cifar_run.run import EVAL_BATCH_SIZE, seed_everything  # noqa: E402
+from cifar_run.speed.setup import memory_format as memory_format_for  # noqa: E402
+from cifar_run.speed.setup import tap_conv_grads  # noqa: E402
+from cifar_run.speed.threads import set_threads  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -65,9 +68,8 @@ def parse_args() -> argparse.Namespace:
 
 def as_trained_in_bf16(net: nn.Module) -> nn.Module:
     """`net` (in place) with the layers cifar-run swaps in for bf16 on the CPU: conv_grad's
-    convolutions and fp32_linear's linear layers."""
-    accel.tap_conv_grads(net, CPU)
-    accel.fp32_small_linears(net, CPU, accel.resolve_precision("bf16", CPU))
+    convolutions."""
+    tap_conv_grads(net, CPU)
     return net
 
 
@@ -110,10 +112,10 @@ def main() -> None:
         splits = load_splits(cfg.data)
     except UserError as exc:
         raise SystemExit(f"precision_check.py: {exc}") from None
-    cores.set_threads(cfg.get("threads"))
+    set_threads(cfg.get("threads"))
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
-    memory_format = accel.memory_format(model, CPU)
+    memory_format = memory_format_for(model, CPU)
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {"device": CPU, "mean": mean, "std": std, "memory_format": memory_format}
     train = DeviceLoader(

@@ -27,16 +27,17 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from cifar_run import accel, cores  # noqa: E402
-from cifar_run.augment import build_augment  # noqa: E402
 from cifar_run.cli import compose_config  # noqa: E402
-from cifar_run.data import ArraySplit  # noqa: E402
-from cifar_run.engine import train_one_epoch  # noqa: E402
+from cifar_run.data.augment import build_augment  # noqa: E402
+from cifar_run.data.loader import DeviceLoader  # noqa: E402
+from cifar_run.data.sources import ArraySplit  # noqa: E402
+from cifar_run.engine.loop import train_one_epoch  # noqa: E402
+from cifar_run.engine.optim import build_optimizer  # noqa: E402
 from cifar_run.errors import UserError  # noqa: E402
-from cifar_run.loader import DeviceLoader  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
-from cifar_run.optim import build_optimizer  # noqa: E402
 from cifar_run.run import resolve_device  # noqa: E402
+from cifar_run.speed.settings import SpeedSettings  # noqa: E402
+from cifar_run.speed.setup import speed_setup  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,8 +57,10 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
-    speed = accel.speed_setup(model, device, cfg.precision, cfg.compile)
-    cores.one_thread_steps(optimizer, device)
+    speed = speed_setup(
+        model, device, cfg.precision, cfg.compile, SpeedSettings.from_config(cfg.speed)
+    )
+    speed.optimizer(optimizer)
     n = cfg.batch_size * args.steps
     # Random pixels: the step's cost does not depend on what the images show.
     split = ArraySplit(
@@ -84,7 +87,7 @@ def main() -> None:
             device=device,
             autocast=speed.precision.dtype,
             scaler=speed.scaler,
-            split=speed.split,
+            steps=speed,
         )
         return stats.seconds  # ends in a host synchronisation (the epoch's loss is read)
 

@@ -120,7 +120,7 @@ def largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 @pytest.fixture
 def two_threads() -> Iterator[None]:
     """torch on two CPU threads for the test, the count before given back after it."""
-    from cifar_run.cores import cpu_threads
+    from cifar_run.speed.threads import cpu_threads
 
     with cpu_threads(2):
         yield

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cifar_run.augment import (
+from cifar_run.cli import CONF_DIR
+from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from cifar_run.data.augment import (
     SETS,
     _resized_crop_boxes,
     build_augment,
@@ -24,8 +26,6 @@ from cifar_run.augment import (
     resized_crop,
     rotate,
 )
-from cifar_run.cli import CONF_DIR
-from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from cifar_run.errors import UserError
 from cifar_run.run import run
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_run.augment import normalization
-from cifar_run.data import load_data
-from cifar_run.engine import evaluate
-from cifar_run.loader import DeviceLoader
+from cifar_run.data.augment import normalization
+from cifar_run.data.loader import DeviceLoader
+from cifar_run.data.sources import load_data
+from cifar_run.engine.loop import evaluate
 from cifar_run.models.lenet import LeNet5
 
 from .conftest import TEST_DATA, TINY, run_cli

@@ -1,4 +1,4 @@
-"""Weight gradients by taps (cifar_run.conv_grad) equal oneDNN's, and the swap changes
+"""Weight gradients by taps (cifar_run.speed.conv_grad) equal oneDNN's, and the swap changes
 nothing else about a model."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from cifar_run import accel, conv_grad
-from cifar_run.conv_grad import TapConv2d, tap_weight_grad, use_tap_weight_grads
 from cifar_run.models.resnet import ResNet
+from cifar_run.speed import conv_grad
+from cifar_run.speed import setup as accel
+from cifar_run.speed.conv_grad import TapConv2d, tap_weight_grad, use_tap_weight_grads
 
 SHAPES = [  # in, out, map size, kernel, stride, padding: ResNet-18's small-map layers
     (128, 128, 8, 3, 1, 1),

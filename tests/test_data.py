@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_run import data
+from cifar_run.data import sources as data
 from cifar_run.errors import UserError
 
 from .conftest import TEST_DATA

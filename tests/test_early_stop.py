@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_run import checkpoint
-from cifar_run.config import validate
+from cifar_run.config.checks import validate
+from cifar_run.engine import checkpoint
 from cifar_run.errors import UserError
 from cifar_run.run import run
 

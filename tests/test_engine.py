@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.engine.loop import evaluate, train_one_epoch
 from cifar_run.models.lenet import LeNet5
 
 

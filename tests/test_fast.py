@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_run import data
+from cifar_run.data import sources as data
+from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.models import build_model
-from cifar_run.optim import build_optimizer, build_scheduler
 
 from .conftest import REPO, TEST_DATA, compose_cfg, run_cli, run_script
 

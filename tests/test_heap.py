@@ -1,4 +1,4 @@
-"""The C heap keeps freed memory between training steps (cifar_run.heap).
+"""The C heap keeps freed memory between training steps (cifar_run.speed.heap).
 
 Nothing is timed: the tests count the minor page faults that re-mapping freed memory costs,
 which the settings are there to avoid. Each case runs in a fresh process, since the settings
@@ -12,7 +12,9 @@ import platform
 import pytest
 import torch
 
-from cifar_run import accel, heap
+from cifar_run.engine.precision import Precision
+from cifar_run.speed import heap
+from cifar_run.speed import setup as accel
 
 from .conftest import run_code
 
@@ -23,7 +25,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 ROUNDS = """
 import resource, sys
 import torch
-from cifar_run import heap
+from cifar_run.speed import heap
 if sys.argv[1] == "kept":
     assert heap.keep_freed_memory(environ={})
 def one_round():
@@ -84,6 +86,6 @@ def test_speed_setup_sets_the_heap_for_the_cpu_only(monkeypatch) -> None:
     monkeypatch.setattr(accel, "keep_freed_memory", lambda: calls.append(1))
     accel.speed_setup(torch.nn.Linear(2, 2), torch.device("cpu"), "fp32")
     assert calls == [1]
-    monkeypatch.setattr(accel, "resolve_precision", lambda *a: accel.Precision("fp32", None))
+    monkeypatch.setattr(accel, "resolve_precision", lambda *a: Precision("fp32", None))
     accel.speed_setup(torch.nn.Linear(2, 2), torch.device("meta"), "fp32")
     assert calls == [1]

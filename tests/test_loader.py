@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from cifar_run.augment import build_augment
-from cifar_run.data import ArraySplit
-from cifar_run.loader import DeviceLoader
+from cifar_run.data.augment import build_augment
+from cifar_run.data.loader import DeviceLoader
+from cifar_run.data.sources import ArraySplit
 
 from .conftest import compose_cfg
 

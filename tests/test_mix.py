@@ -9,12 +9,12 @@ import matplotlib.image
 import pytest
 import torch
 
-from cifar_run import checkpoint
-from cifar_run.data import ArraySplit
-from cifar_run.engine import train_one_epoch
+from cifar_run.data.loader import DeviceLoader
+from cifar_run.data.mix import Mix, build_mix, preview_grid
+from cifar_run.data.sources import ArraySplit
+from cifar_run.engine import checkpoint
+from cifar_run.engine.loop import train_one_epoch
 from cifar_run.errors import UserError
-from cifar_run.loader import DeviceLoader
-from cifar_run.mix import Mix, build_mix, preview_grid
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 

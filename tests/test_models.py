@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_run.config import validate
+from cifar_run.config.checks import validate
 from cifar_run.errors import UserError
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary

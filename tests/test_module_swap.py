@@ -1,11 +1,11 @@
-"""Class swaps (cifar_run.module_swap) change behaviour only: same objects, same state."""
+"""Class swaps (cifar_run.speed.module_swap) change behaviour only: same objects, same state."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cifar_run.module_swap import swap_classes
+from cifar_run.speed.module_swap import swap_classes
 
 
 class Twice(nn.Linear):

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 from torch.optim import lr_scheduler as S
 
 from cifar_run.cli import CONF_DIR
-from cifar_run.config import validate
+from cifar_run.config.checks import validate
+from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.errors import UserError
-from cifar_run.optim import build_optimizer, build_scheduler
 from cifar_run.run import run
 
 from .conftest import TINY, compose_cfg, run_cli

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_run import checkpoint
+from cifar_run.engine import checkpoint
+from cifar_run.engine.reproducibility import set_deterministic
 from cifar_run.errors import CheckpointError
 from cifar_run.models.lenet import LeNet5
-from cifar_run.reproducibility import set_deterministic
 from cifar_run.run import run
 
 from .conftest import TINY, compose_cfg, read_results
@@ -185,7 +185,7 @@ def test_a_resumed_stage_takes_the_curve_it_had_done(
     def no_curve(*args: object, **kwargs: object) -> None:
         raise AssertionError("the curve was evaluated again")
 
-    monkeypatch.setattr("cifar_run.prune_stage.run_curve", no_curve)
+    monkeypatch.setattr("cifar_run.prune.curve.run_curve", no_curve)
     resumed, _ = _run_with(-1, run_dir, [*args, "resume=true"], monkeypatch)
     assert [r["amount"] for r in resumed["curve"]] == [0.0, 0.3, 0.9]
     assert [r["test_acc"] for r in resumed["curve"]] == pytest.approx(before)

@@ -11,10 +11,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from cifar_run import checkpoint, prune_stage
+from cifar_run.engine import checkpoint
+from cifar_run.engine import loop as engine_loop
+from cifar_run.engine.loop import LoopData
 from cifar_run.models.lenet import LeNet5
-from cifar_run.pruning import PruningSettings, prune_copy
-from cifar_run.report import RESULT_COLUMNS
+from cifar_run.outputs.files import RESULT_COLUMNS
+from cifar_run.prune import stage as prune_stage
+from cifar_run.prune.curve import run_curve
+from cifar_run.prune.masks import PruningSettings, prune_copy
 
 from .conftest import largest_change
 
@@ -23,13 +27,13 @@ PRUNABLE = 61770  # Conv2d/Linear weights of LeNet-5
 PARAMS = 62006
 
 
-def stage_data(n_batches: int = 2) -> prune_stage.StageData:
+def stage_data(n_batches: int = 2) -> LoopData:
     g = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
         for _ in range(n_batches)
     ]
-    return prune_stage.StageData(
+    return LoopData(
         train=batches,
         val=batches[:1],
         test=batches[1:],
@@ -135,13 +139,13 @@ def test_fp16_finetuning_scales_the_loss(
     autocast: torch.dtype | None, scaled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scalers = []
-    real = prune_stage.train_one_epoch
+    real = engine_loop.train_one_epoch
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         scalers.append(kwargs.get("scaler"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune_stage, "train_one_epoch", spy)
+    monkeypatch.setattr(engine_loop, "train_one_epoch", spy)
     data = stage_data()
     data.autocast = autocast
     settings = PruningSettings(amount=0.5, finetune_epochs=1)
@@ -160,7 +164,7 @@ def test_fully_pruned_layer_is_named(tmp_path: Path, caplog: pytest.LogCaptureFi
     with torch.no_grad():
         model[0].weight.mul_(1e-3)  # the small layer goes first under a global threshold
     params = sum(p.numel() for p in model.parameters())
-    with caplog.at_level(logging.WARNING, logger="cifar_run.prune_stage"):
+    with caplog.at_level(logging.WARNING, logger="cifar_run.prune.stage"):
         results = prune_stage.run_pruning(
             model,
             PruningSettings(amount=0.8),  # 59 of 54 + 20 weights
@@ -178,7 +182,7 @@ def test_curve_uses_copies_of_the_dense_model() -> None:
     model = lenet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = PruningSettings(amount=0.0, curve=(0.9, 0.3))
-    rows = prune_stage.run_curve(
+    rows = run_curve(
         model, settings, stage_data(), total_params=PARAMS, dense_val_acc=12.5, dense_test_acc=25.0
     )
     assert [r["amount"] for r in rows] == [0.0, 0.3, 0.9]

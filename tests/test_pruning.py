@@ -1,4 +1,4 @@
-"""Unit tests for cifar_run.pruning: tiny models and random tensors only."""
+"""Unit tests for cifar_run.prune.masks: tiny models and random tensors only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.nn.utils import prune as torch_prune
 
 from cifar_run.errors import UserError
 from cifar_run.models.lenet import LeNet5
-from cifar_run.pruning import (
+from cifar_run.prune.masks import (
     PruningSettings,
     apply_global_l1,
     checkpoint_sizes,

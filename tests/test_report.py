@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from cifar_run import report
 from cifar_run.cli import CONF_DIR
-from cifar_run.summary import load_runs, summarize
+from cifar_run.outputs import files as report
+from cifar_run.outputs.summary import load_runs, summarize
 
 from .conftest import REPORT, compose_cfg, run_cli, run_report, start
 from .test_sweep import PNG_MAGIC

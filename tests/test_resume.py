@@ -18,12 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_run import checkpoint, cli
-from cifar_run.engine import NonFiniteLoss, train_one_epoch
+from cifar_run import cli
+from cifar_run.engine import checkpoint
+from cifar_run.engine.loop import NonFiniteLoss, train_one_epoch
+from cifar_run.engine.optim import build_optimizer, build_scheduler
+from cifar_run.engine.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.errors import CheckpointError, TrainingDiverged
 from cifar_run.models.lenet import LeNet5
-from cifar_run.optim import build_optimizer, build_scheduler
-from cifar_run.reproducibility import rng_state, set_deterministic, set_rng_state
 from cifar_run.run import run
 
 from .conftest import CLI, TEST_DATA, TINY, compose_cfg, read_results, run_cli, start
@@ -44,7 +45,7 @@ class Faulty(LeNet5):
     """LeNet-5 whose `at`-th training forward pass goes wrong: NaN outputs, or a crash.
 
     Counted on the thread that runs the training loop, one pass per step: where batches run
-    as two halves (cifar_run.split), the helper thread's passes over second halves are not.
+    as two halves (cifar_run.speed.halves), the helper thread's passes over second halves are not.
     """
 
     def __init__(self, at: int, fault: str) -> None:

@@ -17,15 +17,18 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from cifar_run import accel, cores, data
-from cifar_run.config import validate
+from cifar_run.config.checks import validate
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_run.engine import evaluate, train_one_epoch
+from cifar_run.data import sources as data
+from cifar_run.data.loader import DeviceLoader
+from cifar_run.engine.loop import evaluate, train_one_epoch
+from cifar_run.engine.precision import resolve_precision
 from cifar_run.errors import UserError
-from cifar_run.loader import DeviceLoader
 from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
+from cifar_run.speed import setup as accel
+from cifar_run.speed import threads as cores
 
 from .conftest import TEST_DATA, TINY, compose_cfg, run_script
 
@@ -66,7 +69,7 @@ def test_fp16_with_grad_scaler_trains(tiny: data.ArraySplit) -> None:
     torch.manual_seed(0)
     model = LeNet5()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    precision = accel.resolve_precision("fp16", CPU)
+    precision = resolve_precision("fp16", CPU)
     scaler = precision.scaler(CPU)
     assert precision.dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
     batches = DeviceLoader(
@@ -164,12 +167,12 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_amx(
     # AVX-512 BF16 without AMX trains slower in bf16 than in fp32 (docs/benchmarks.md)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    auto = accel.resolve_precision("auto", CPU)
+    auto = resolve_precision("auto", CPU)
     assert auto.name == ("bf16" if amx else "fp32")
     assert auto.dtype == (torch.bfloat16 if amx else None)
     assert auto.scaler(CPU) is None
-    assert accel.resolve_precision("fp32", CPU).dtype is None  # explicit values stay as given
-    assert accel.resolve_precision("bf16", CPU).dtype == torch.bfloat16
+    assert resolve_precision("fp32", CPU).dtype is None  # explicit values stay as given
+    assert resolve_precision("bf16", CPU).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -286,43 +289,53 @@ def test_compile_true_trains_on_cpu_and_saves_the_plain_model(tmp_path: Path) ->
     assert all(v.is_contiguous() for v in state.values())  # plain NCHW tensors
 
 
-def test_bench_script_trains_both_arms_and_reports_their_ratio(tmp_path: Path) -> None:
+def test_bench_script_trains_every_arm_and_reports_their_ratios(tmp_path: Path) -> None:
     # The benchmark behind docs/benchmarks.md must keep running as the code under it moves.
     proc = run_script("bench.py", "--repeats", "2", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    rounds = re.findall(r"round \d seed (\d) (ours|reference) *:.*test acc ([\d.]+)%", proc.stdout)
+    rounds = re.findall(r"round \d seed (\d) (auto|plain|loop) *:.*test acc ([\d.]+)%", proc.stdout)
     assert sorted((seed, arm) for seed, arm, _ in rounds) == [
-        ("0", "ours"),
-        ("0", "reference"),
-        ("1", "ours"),
-        ("1", "reference"),
+        (seed, arm) for seed in "01" for arm in ("auto", "loop", "plain")
     ], proc.stdout
     assert all(0.0 <= float(acc) <= 100.0 for *_, acc in rounds)
-    assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
-    assert re.search(r"^config: device=cpu model=lenet5 ", proc.stdout, re.M), proc.stdout
+    for pair in ("auto/plain", "auto/loop", "plain/loop"):
+        assert re.search(rf"ratio {pair}: median [\d.]+x", proc.stdout), proc.stdout
+    assert re.search(r"^config: device=cpu model=lenet5 .* speed=auto", proc.stdout, re.M)
 
 
 def test_bench_isolate_runs_each_arm_in_its_own_process_and_environment(tmp_path: Path) -> None:
-    # --isolate: the reference as a user's own script runs (the environment as given), ours
-    # as cifar-run runs (passive OpenMP waits unless the environment says otherwise).
-    proc = run_script("bench.py", "--isolate", "--repeats", "1", *TINY, cwd=tmp_path)
+    # --isolate: the loop as a user's own script runs (the environment as given), cifar-run's
+    # arms as cifar-run runs (passive OpenMP waits unless the environment says otherwise).
+    proc = run_script(
+        "bench.py", "--isolate", "--repeats", "1", "--arms", "auto,loop", *TINY, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     given = os.environ.get("OMP_WAIT_POLICY")
-    for arm, policy in (("ours", given or "PASSIVE"), ("reference", given or "unset")):
+    for arm, policy in (("auto", given or "PASSIVE"), ("loop", given or "unset")):
         line = re.search(rf"round 1 seed 0 {arm} *:.*test acc ([\d.]+)%.*", proc.stdout)
         assert line is not None, proc.stdout
         assert 0.0 <= float(line.group(1)) <= 100.0
         assert f"[OMP_WAIT_POLICY={policy}," in line.group(0), line.group(0)
-    assert re.search(r"ratio ours/reference: median [\d.]+x", proc.stdout), proc.stdout
+    assert re.search(r"ratio auto/loop: median [\d.]+x", proc.stdout), proc.stdout
 
 
-def test_bench_script_runs_one_arm_alone(tmp_path: Path) -> None:
-    proc = run_script("bench.py", "--repeats", "1", "--no-ours", *TINY, cwd=tmp_path)
+def test_bench_script_runs_the_arms_asked_for(tmp_path: Path) -> None:
+    proc = run_script("bench.py", "--repeats", "1", "--arms", "loop", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"round 1 seed 0 reference *:.*test acc [\d.]+%", proc.stdout), proc.stdout
-    assert " ours " not in proc.stdout and "ratio" not in proc.stdout
-    both = run_script("bench.py", "--no-ours", "--no-reference", *TINY, cwd=tmp_path)
-    assert both.returncode == 2 and "nothing left to run" in both.stderr
+    assert re.search(r"round 1 seed 0 loop *:.*test acc [\d.]+%", proc.stdout), proc.stdout
+    assert " auto " not in proc.stdout and "ratio" not in proc.stdout
+    bad = run_script("bench.py", "--arms", "ours", *TINY, cwd=tmp_path)
+    assert bad.returncode == 2 and "choose from auto, plain, loop" in bad.stderr
+
+
+def test_plain_and_auto_arms_of_lenet5_train_to_the_same_loss(tmp_path: Path) -> None:
+    # speed=plain and speed=auto differ in speed, and in rounding only.
+    proc = run_script(
+        "bench.py", "--repeats", "1", "--arms", "auto,plain", *TINY, "precision=fp32", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    losses = dict(re.findall(r"seed 0 (auto|plain) *:.*train loss ([\d.]+)", proc.stdout))
+    assert abs(float(losses["auto"]) - float(losses["plain"])) < 1e-3, proc.stdout
 
 
 def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
@@ -334,44 +347,6 @@ def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:
     accs = re.findall(r"evaluated in (fp32|bf16): acc ([\d.]+)%", proc.stdout)
     assert [a for a, _ in accs] == ["fp32", "bf16"], proc.stdout
     assert re.search(r"predictions that differ between the two: \d+ of 100", proc.stdout)
-
-
-@pytest.mark.parametrize(
-    ("compare", "arms"),
-    [
-        ("format", ["nchw", "channels_last"]),
-        ("precision", ["fp32", "bf16"]),
-        ("step-threads", ["every-thread", "one-thread"]),
-        ("pool-order", ["act-pool", "pool-act"]),
-        ("op-threads", ["ops-every-thread", "small-ops-one"]),
-        ("batch-split", ["whole-batch", "halves"]),
-    ],
-)
-def test_step_bench_times_both_arms(compare: str, arms: list[str], tmp_path: Path) -> None:
-    # threads=2: halves need two threads, whatever the machine running the tests has.
-    args = ("model=lenet5", "batch_size=8", "threads=2", "--rounds", "2", "--steps", "2")
-    args = (*args, "--warmup", "1")
-    proc = run_script("bench_step.py", *args, "--compare", compare, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^([\w-]+) +ms per step: wall ([\d.]+), CPU ([\d.]+)", proc.stdout, re.M)
-    assert [name for name, _, _ in rows] == arms, proc.stdout
-    assert all(float(wall) > 0 for _, wall, _ in rows)
-    precisions = re.search(r"precision=(\w+), (\w+),", proc.stdout).groups()
-    expected = ("fp32", "bf16") if compare == "precision" else (precisions[0],) * 2
-    assert precisions == expected, proc.stdout
-    assert re.search(rf"{arms[1]} speed / {arms[0]}: median [\d.]+x per round", proc.stdout)
-
-
-def test_step_bench_trains_a_pruned_model_in_halves_with_prune(tmp_path: Path) -> None:
-    args = ("model=lenet5", "batch_size=8", "threads=2", "--rounds", "1", "--steps", "2")
-    args = (*args, "--compare", "batch-split", "--prune", "0.5")
-    proc = run_script("bench_step.py", *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr  # it stops when the halves arm cannot split
-    assert "prune=0.5 " in proc.stdout
-    assert re.search(r"^halves +ms per step: wall [\d.]+", proc.stdout, re.M), proc.stdout
-    bad = run_script("bench_step.py", "--prune", "1.0", cwd=tmp_path)
-    assert bad.returncode == 2 and "--prune 1.0: the fraction of weights pruned" in bad.stderr
-    assert "Traceback" not in bad.stderr
 
 
 def test_step_profile_reports_wall_time_and_the_costliest_operators(tmp_path: Path) -> None:

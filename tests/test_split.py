@@ -1,4 +1,4 @@
-"""Batch halves on two threads (cifar_run.split): the same gradients as the whole batch,
+"""Batch halves on two threads (cifar_run.speed.halves): the same gradients as the whole batch,
 the same run twice, and only for models where halves are valid."""
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from cifar_run import accel, cores
-from cifar_run.engine import train_one_epoch
+from cifar_run.engine.loop import train_one_epoch
+from cifar_run.engine.precision import resolve_precision
 from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
-from cifar_run.split import BatchSplit, suits
-from cifar_run.split_modules import HalvesBatchNorm2d, HalvesDropout2d
+from cifar_run.speed import setup as accel
+from cifar_run.speed import threads as cores
+from cifar_run.speed.halves import BatchSplit, suits
+from cifar_run.speed.halves_modules import HalvesBatchNorm2d, HalvesDropout2d
+from cifar_run.speed.setup import SpeedSettings
 
 from .conftest import TINY, compose_cfg
 
@@ -130,7 +133,7 @@ def test_making_a_split_first_thing_leaves_the_callers_thread_count() -> None:
     # In a fresh process the calling thread has not yet taken its count from torch's
     # process-wide default, which the helper's own setting changes.
     code = (
-        "import torch; torch.set_num_threads(2); from cifar_run.split import BatchSplit; "
+        "import torch; torch.set_num_threads(2); from cifar_run.speed.halves import BatchSplit; "
         "BatchSplit(2); print(torch.get_num_threads())"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -173,7 +176,7 @@ def _train(split: BatchSplit | None, steps: int = 4) -> list[torch.Tensor]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = [_batch(32, seed) for seed in range(steps)]
     stats = train_one_epoch(
-        model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split
+        model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, steps=split
     )
     assert stats.images == 32 * steps
     return [p.detach().clone() for p in model.parameters()]
@@ -237,7 +240,7 @@ def _train_pruned(split: BatchSplit | None) -> dict[str, torch.Tensor]:
     model = _pruned_lenet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     batches = [_batch(32, seed) for seed in range(4)]
-    train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split)
+    train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, steps=split)
     model.eval()
     with torch.no_grad():
         model(batches[0][0])  # the hooks derive the weights again
@@ -267,14 +270,14 @@ def test_fine_tuning_a_pruned_model_in_halves_holds_the_masks_and_repeats(
 def test_speed_setup_splits_where_it_suits_and_keeps_small_op_hooks_elsewhere(
     two_threads: None,
 ) -> None:
-    fp32, fp16 = accel.resolve_precision("fp32", CPU), accel.resolve_precision("fp16", CPU)
+    fp32, fp16 = resolve_precision("fp32", CPU), resolve_precision("fp16", CPU)
     assert isinstance(accel.batch_split(LeNet5(), CPU, fp32), BatchSplit)
     assert accel.batch_split(LeNet5(), CPU, fp16) is None  # its grad scaler
     assert accel.batch_split(LeNet5(), CPU, fp32, compile=True) is None
     assert accel.batch_split(LeNet5(), torch.device("cuda"), fp32) is None
     resnet = build_model(compose_cfg(["model=resnet20"]).model)
     assert isinstance(accel.batch_split(resnet, CPU, fp32), BatchSplit)
-    bf16 = accel.resolve_precision("bf16", CPU)
+    bf16 = resolve_precision("bf16", CPU)
     assert isinstance(accel.batch_split(resnet, CPU, bf16), BatchSplit)  # BatchNorm in bf16
     instance = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4))
     assert accel.batch_split(instance, CPU, fp32) is None  # not a norm split.suits takes
@@ -285,7 +288,7 @@ def test_speed_setup_splits_where_it_suits_and_keeps_small_op_hooks_elsewhere(
     speed = accel.speed_setup(resnet, CPU, "fp16")
     assert speed.split is None and resnet._forward_pre_hooks  # small ops on one thread
     lenet = LeNet5()
-    speed = accel.speed_setup(lenet, CPU, "fp32", split=False)
+    speed = accel.speed_setup(lenet, CPU, "fp32", settings=SpeedSettings(batch_halves=False))
     assert speed.split is None and lenet._forward_pre_hooks
     torch.set_num_threads(1)
     assert accel.batch_split(LeNet5(), CPU, fp32) is None  # nothing to split across
@@ -456,7 +459,7 @@ def test_training_a_batchnorm_net_in_halves_repeats_bit_for_bit(two_threads: Non
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         batches = [_batch(16, seed) for seed in range(3)]
         split = BatchSplit(2)
-        train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, split=split)
+        train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, steps=split)
         return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
 
     first, second = train(), train()

@@ -1,4 +1,4 @@
-"""The second half of each batch in a helper process (cifar_run.split_process): the same
+"""The second half of each batch in a helper process (cifar_run.speed.halves_process): the same
 numbers, to the bit, as the helper thread; a model that changes (pruning) is taken again;
 errors reach the caller; the helper never outlives its caller."""
 
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from cifar_run import split_process
-from cifar_run.engine import train_one_epoch
+from cifar_run.engine.loop import train_one_epoch
 from cifar_run.models.lenet import LeNet5
-from cifar_run.pruning import apply_global_l1, prunable_parameters
-from cifar_run.split import BatchSplit
+from cifar_run.prune.masks import apply_global_l1, prunable_parameters
+from cifar_run.speed import halves_process as split_process
+from cifar_run.speed.halves import BatchSplit
 
 from .conftest import REPO, subprocess_env
 
@@ -150,7 +150,7 @@ def test_training_an_epoch_with_the_helper_process_equals_the_helper_thread(
             _in_process(split, model, criterion)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         batches = [_batch(32, seed) for seed in range(6)]
-        stats = train_one_epoch(model, batches, optimizer, criterion, device=CPU, split=split)
+        stats = train_one_epoch(model, batches, optimizer, criterion, device=CPU, steps=split)
         assert stats.images == 32 * 6 and stats.loss > 0
         assert split.in_process == processes
         # Its steps kept this thread at one CPU thread; the epoch gives both back.
@@ -164,7 +164,7 @@ def test_a_helper_process_killed_mid_run_hands_the_halves_back_to_the_thread(
     two_threads: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pair = _Pair()
-    with caplog.at_level(logging.INFO, logger="cifar_run.split"):
+    with caplog.at_level(logging.INFO, logger="cifar_run.speed.halves"):
         _in_process(pair.splits[1], pair.models[1])
     assert "a helper process (pid" in caplog.text
     assert _same(*pair.step(*_batch(64, 0), None))
@@ -172,7 +172,7 @@ def test_a_helper_process_killed_mid_run_hands_the_halves_back_to_the_thread(
     os.kill(helper.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     helper._process.join(timeout=10)
     # A step that started before the death was seen finds it gone while it waits.
-    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, "cifar_run.split"):
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, "cifar_run.speed.halves"):
         patch.setattr(split_process.HalfProcess, "ready", property(lambda self: True))
         assert _same(*pair.step(*_batch(64, 1), None))
     assert "the helper process stopped (exit code -9); the second halves go back" in caplog.text
@@ -263,7 +263,7 @@ def test_the_helper_leaves_with_its_caller_and_never_reruns_the_callers_script(
         textwrap.dedent(
             """
             import os, time
-            from cifar_run.split_process import HalfProcess
+            from cifar_run.speed.halves_process import HalfProcess
             print("top level", flush=True)
             helper = HalfProcess(1)
             while not helper.ready:

@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cifar_run import sweep
 from cifar_run.errors import UserError
+from cifar_run.outputs import sweep
 
 from .conftest import TEST_DATA, TINY, read_results, run_cli, run_report
 
@@ -277,7 +277,7 @@ def test_config_names_job_folders_and_registers_the_summary_callback() -> None:
     hydra = cfg.hydra
     assert OmegaConf.to_container(hydra.sweep)["subdir"].startswith("${cifar_run.job_dir:")
     assert "data.root" in hydra.job.config.override_dirname.exclude_keys
-    assert hydra.callbacks.summary._target_ == "cifar_run.callbacks.SweepSummary"
+    assert hydra.callbacks.summary._target_ == "cifar_run.outputs.callbacks.SweepSummary"
     assert cfg.threads is None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_run.config import MAX_SEED, validate
+from cifar_run.config.checks import MAX_SEED, validate
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
@@ -100,7 +100,7 @@ def test_validation_happens_before_any_data_is_loaded(
     def load_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("data was loaded before the config was checked")
 
-    monkeypatch.setattr("cifar_run.run.load_data", load_data)
+    monkeypatch.setattr("cifar_run.data.sources.load_data", load_data)
     with pytest.raises(UserError, match="data.subset=0"):
         run(compose_cfg([*TINY, "data.subset=0"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written at all

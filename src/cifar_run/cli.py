@@ -20,9 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_run import sweep
 from cifar_run.constants import set_openmp_defaults
 from cifar_run.errors import UserError
+from cifar_run.outputs import sweep
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
@@ -181,7 +181,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     from hydra import compose
     from omegaconf import open_dict
 
-    from cifar_run.checkpoint import open_resume, refuse_overwrite
+    from cifar_run.engine.checkpoint import open_resume, refuse_overwrite
     from cifar_run.run import resolve_device
 
     cfg = compose(config_name="config", overrides=job + hydra_overrides, return_hydra_config=True)
@@ -236,7 +236,7 @@ def preflight(argv: list[str]) -> str | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cifar_run.config import validate
+    from cifar_run.config.checks import validate
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -292,7 +292,7 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
     from hydra import compose
     from omegaconf import open_dict
 
-    from cifar_run.checkpoint import run_config_diff
+    from cifar_run.engine.checkpoint import run_config_diff
 
     for num, job in enumerate(jobs):
         cfg = compose(
@@ -339,7 +339,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         if multirun:
             # A failing job must not stop the sweep: it is recorded, and the summary callback
-            # (cifar_run.callbacks) reports it and sets the exit status once every job has run.
+            # (outputs.callbacks) reports it and sets the exit status once every job has run.
             sweep.run_job(cfg, out_dir, int(hydra_cfg.job.num), run)
             return
         results = run(cfg, None if cfg.dry_run else out_dir)
@@ -359,7 +359,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _interrupted(out_dir: Path, sweep_dir: str | None, dry_run: bool) -> NoReturn:
     """Ctrl-C: one line saying how to carry on instead of a traceback; exit 130 as shells do.
     run() has already marked the run failed in results.json (error: KeyboardInterrupt)."""
-    from cifar_run.checkpoint import stage_path, state_path
+    from cifar_run.engine.checkpoint import stage_path, state_path
 
     if dry_run:
         how = "nothing was written"
@@ -415,7 +415,7 @@ def version_line(prog: str) -> str:
     """`PROG --version`: this package's version and the versions its numbers depend on."""
     import torch
 
-    from cifar_run.reproducibility import environment
+    from cifar_run.engine.reproducibility import environment
 
     env = environment(torch.device("cpu"))
     return (
@@ -457,7 +457,7 @@ def _report(argv: list[str] | None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from cifar_run.summary import NoRunsError, load_runs, summarize, write_summary
+    from cifar_run.outputs.summary import NoRunsError, load_runs, summarize, write_summary
 
     try:
         runs = load_runs(args.paths)

@@ -27,10 +27,10 @@ IMAGE_SHAPE = (3, 32, 32)
 # Files an image folder's class folders hold (data=imagefolder); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-# `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.accel).
+# `precision` values: autocast dtype of training and evaluation (auto: see cifar_run.speed.setup).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# `mix.name` values: batch mixing of training batches (cifar_run.mix).
+# `mix.name` values: batch mixing of training batches (cifar_run.data.mix).
 MIX_MODES = ("none", "mixup", "cutmix", "mixup_cutmix")
 
 # `tta` values: test-time augmentation of every evaluation (validation, test, pruning stage).

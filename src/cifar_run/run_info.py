@@ -1,0 +1,85 @@
+"""What a run says about its config: the dry-run summary and the config half of
+results.json (run.py calls these; they only read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from cifar_run.engine.precision import resolve_precision
+from cifar_run.engine.reproducibility import environment
+from cifar_run.prune.settings import validate_pruning
+
+
+def summary_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.device) -> str:
+    lines = [
+        f"model: {cfg.model.name} ({type(model).__name__})",
+        f"parameters: {params}",
+        f"data: {cfg.data.name} (root {cfg.data.root}, val_size {cfg.data.val_size}, "
+        f"subset {cfg.data.subset})",
+        f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize}), mix {_mix_name(cfg)}",
+        f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}, "
+        f"ema {cfg.get('ema')}",
+        f"sched: {cfg.sched.name}",
+        f"init: {cfg.get('ckpt_path') or 'random (seed)'}",
+        f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}",
+    ]
+    settings = validate_pruning(cfg.prune, cfg.pruning)
+    if settings.enabled:
+        lines.append(
+            f"prune: {settings.amount:g} (global L1, include_classifier "
+            f"{settings.include_classifier}, steps {settings.steps}, finetune_epochs "
+            f"{settings.finetune_epochs}, finetune_lr {settings.resolved_finetune_lr(cfg.lr):g}, "
+            f"early_stop {settings.early_stop})"
+        )
+    if settings.curve:
+        lines.append(f"pruning.curve: {', '.join(f'{a:g}' for a in settings.curve)}")
+    return "\n".join(lines)
+
+
+def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str, Any]:
+    """The config half of results.json: what was run."""
+    return {
+        "model": cfg.model.name,
+        "params": params,
+        "epochs": cfg.epochs,
+        "early_stop": cfg.get("early_stop"),
+        "ema": cfg.get("ema"),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "speed": cfg.speed.name if cfg.get("speed") is not None else "auto",
+        "precision": resolve_precision(cfg.precision, device).name,
+        "tta": cfg.tta,
+        "augment": cfg.augment.name,
+        "mix": cfg.mix.name if cfg.get("mix") is not None else "none",
+        "sched": cfg.sched.name,
+        "data": cfg.data.name,
+        "val_size": cfg.data.val_size,
+        "subset": cfg.data.subset,
+        "prune": float(cfg.prune),
+        "ckpt_path": _ckpt_path(cfg),
+        "environment": environment(device),
+    }
+
+
+def _mix_name(cfg: DictConfig) -> str:
+    """The `mix` group for the dry-run summary."""
+    mix = cfg.get("mix")
+    if mix is None or mix.name == "none":
+        return "none"
+    extra = "".join(f", {k} {mix[k]:g}" for k in ("cutmix_alpha", "switch_prob") if k in mix)
+    return f"{mix.name} (alpha {mix.alpha:g}{extra}, prob {mix.prob:g})"
+
+
+def _ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path` as an absolute path (results.json outlives the working directory)."""
+    path = cfg.get("ckpt_path")
+    return None if path is None else str(Path(path).expanduser().resolve())
