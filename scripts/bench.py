@@ -58,7 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cifar_run.constants import set_openmp_defaults  # torch-free
@@ -109,7 +109,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--arms",
         default=",".join(ARMS),
-        help=f"comma-separated arms to run, of {', '.join(ARMS)} (default all)",
+        help=f"comma-separated arms to run, of {', '.join(ARMS)} (default all), or no-KEY: "
+        "auto with speed.KEY=false, e.g. no-batch_halves",
     )
     parser.add_argument(
         "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
@@ -120,13 +121,15 @@ def parse_args() -> argparse.Namespace:
         help="each arm's round in a fresh process at its own default OpenMP settings",
     )
     # --isolate's child processes: one arm, one round, its result as a JSON line.
-    parser.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in args.arms if a not in ARMS and a not in WITHOUT]
     if unknown or not args.arms:
-        parser.error(f"--arms {','.join(args.arms)}: choose from {', '.join(ARMS)}")
+        parser.error(
+            f"--arms {','.join(args.arms)}: choose from {', '.join(ARMS)}, or {', '.join(WITHOUT)}"
+        )
     return args
 
 
@@ -423,6 +426,29 @@ def _load_average() -> str:
 
 
 ARMS = {"auto": train_auto, "plain": train_plain, "loop": train_loop}
+# no-KEY: auto with one trick switched off, to measure what that trick alone gains.
+WITHOUT = [f"no-{f.name}" for f in dataclasses.fields(SpeedSettings)]
+
+
+def arm(name: str) -> Callable[[DictConfig, Splits, int, int | None], ArmResult]:
+    """The training function of an arm: auto, plain, loop or no-KEY."""
+    if name in ARMS:
+        return ARMS[name]
+    key = name.removeprefix("no-")
+
+    def without(cfg: DictConfig, splits: Splits, seed: int, max_steps: int | None) -> ArmResult:
+        settings = dataclasses.replace(SpeedSettings.from_config(cfg.speed), **{key: False})
+        return train_cifar_run(cfg, splits, seed, max_steps, settings)
+
+    return without
+
+
+def ratio_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """The (numerator, denominator) pairs whose ratios are printed for these arms."""
+    pairs = [p for p in RATIOS if p[0] in arms and p[1] in arms]
+    return pairs + [("auto", a) for a in arms if a in WITHOUT and "auto" in arms]
+
+
 # The pairs whose ratios are printed: (numerator, denominator).
 RATIOS = (("auto", "plain"), ("auto", "loop"), ("plain", "loop"))
 RESULT_TAG = "bench-result: "
@@ -431,21 +457,21 @@ RESULT_TAG = "bench-result: "
 def run_child(args: argparse.Namespace, cfg: DictConfig) -> None:
     """One arm, one round, in this fresh process (--isolate); the result as a JSON line."""
     set_threads(cfg.get("threads"))
-    res = ARMS[args.child](cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
+    res = arm(args.child)(cfg, load_splits(cfg.data), args.child_seed, args.max_steps)
     result = {**dataclasses.asdict(res), "openmp": _openmp(dict(os.environ))}
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_isolated(arm: str, seed: int, args: argparse.Namespace) -> tuple[ArmResult, str]:
+def run_isolated(name: str, seed: int, args: argparse.Namespace) -> tuple[ArmResult, str]:
     """One arm, one round, in a fresh process; its result and the OpenMP settings it saw."""
-    cmd = [sys.executable, __file__, "--child", arm, "--child-seed", str(seed)]
+    cmd = [sys.executable, __file__, "--child", name, "--child-seed", str(seed)]
     if args.max_steps is not None:
         cmd += ["--max-steps", str(args.max_steps)]
-    env = dict(os.environ) if arm != "loop" else {**GIVEN_ENV, PLAIN_ENV: "1"}
+    env = dict(os.environ) if name != "loop" else {**GIVEN_ENV, PLAIN_ENV: "1"}
     proc = subprocess.run([*cmd, *args.overrides], env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
-        raise SystemExit(f"bench.py: the {arm} process failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"bench.py: the {name} process failed:\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len(RESULT_TAG) :])
     openmp = result.pop("openmp")
     return ArmResult(**result), openmp
@@ -462,16 +488,14 @@ def _median(results: list[ArmResult], attr: str) -> float:
 def print_summary(results: dict[str, list[ArmResult]]) -> None:
     """Medians per arm, then the per-round ratios of each pair of arms that ran."""
     print("\nsummary (medians over rounds)")
-    for name, arm in results.items():
+    for name, rounds in results.items():
         print(
-            f"  {name:5s} {_median(arm, 'images_per_s'):8.1f} images/s, "
-            f"{_median(arm, 'cpu_ms_per_image'):.3f} CPU ms/image, test acc "
-            f"{_median(arm, 'test_acc'):.2f}% (rounds: "
-            f"{', '.join(f'{x.test_acc:.2f}' for x in arm)})"
+            f"  {name:5s} {_median(rounds, 'images_per_s'):8.1f} images/s, "
+            f"{_median(rounds, 'cpu_ms_per_image'):.3f} CPU ms/image, test acc "
+            f"{_median(rounds, 'test_acc'):.2f}% (rounds: "
+            f"{', '.join(f'{x.test_acc:.2f}' for x in rounds)})"
         )
-    for top, bottom in RATIOS:
-        if top not in results or bottom not in results:
-            continue
+    for top, bottom in ratio_pairs(list(results)):
         pairs = list(zip(results[top], results[bottom], strict=True))
         ratios = [a.images_per_s / b.images_per_s for a, b in pairs]
         # CPU time per image does not depend on how much of the machine other jobs take.
@@ -521,19 +545,19 @@ def main() -> None:
             flush=True,
         )
 
-    results: dict[str, list[ArmResult]] = {arm: [] for arm in args.arms}
+    results: dict[str, list[ArmResult]] = {name: [] for name in args.arms}
     for r in range(args.repeats):
         seed = cfg.seed + r
-        for arm in args.arms[r % len(args.arms) :] + args.arms[: r % len(args.arms)]:
+        for name in args.arms[r % len(args.arms) :] + args.arms[: r % len(args.arms)]:
             openmp = ""
             if splits is None:
-                res, openmp = run_isolated(arm, seed, args)
+                res, openmp = run_isolated(name, seed, args)
                 openmp = f" [{openmp}]"
             else:
-                res = ARMS[arm](cfg, splits, seed, args.max_steps)
-            results[arm].append(res)
+                res = arm(name)(cfg, splits, seed, args.max_steps)
+            results[name].append(res)
             print(
-                f"round {r + 1} seed {seed} {arm:5s}: {res.images_per_s:8.1f} images/s "
+                f"round {r + 1} seed {seed} {name:5s}: {res.images_per_s:8.1f} images/s "
                 f"(epochs: {', '.join(f'{x:.0f}' for x in res.epoch_rates)}), "
                 f"{res.cpu_ms_per_image:.3f} CPU ms/image, "
                 f"train loss {res.train_loss:.4f}, test acc {res.test_acc:.2f}%  "
@@ -559,9 +583,9 @@ def main() -> None:
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceilings.items())
         )
         ours_kind = precision.name if precision.name != "fp16" else "fp32"
-        for name, arm in results.items():
+        for name, rounds in results.items():
             kind = "fp32" if name == "loop" else ours_kind
-            achieved = _median(arm, "images_per_s") * train
+            achieved = _median(rounds, "images_per_s") * train
             print(
                 f"  {name:5s} achieved {achieved / 1e9:7.1f} GFLOP/s = "
                 f"{100 * achieved / ceilings[kind]:.1f}% of the {kind} matmul ceiling"
