@@ -181,7 +181,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     from hydra import compose
     from omegaconf import open_dict
 
-    from cifar_run.engine.checkpoint import open_resume, refuse_overwrite
+    from cifar_run.engine.resume import open_resume, refuse_overwrite
     from cifar_run.run import resolve_device
 
     cfg = compose(config_name="config", overrides=job + hydra_overrides, return_hydra_config=True)
@@ -292,7 +292,7 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
     from hydra import compose
     from omegaconf import open_dict
 
-    from cifar_run.engine.checkpoint import run_config_diff
+    from cifar_run.engine.resume import run_config_diff
 
     for num, job in enumerate(jobs):
         cfg = compose(

@@ -31,6 +31,7 @@ from cifar_run.engine.ema import step_function, weight_average
 from cifar_run.engine.loop import LoopData, LoopState, NonFiniteLoss, Plan, cpu_state, fit
 from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.engine.reproducibility import set_deterministic
+from cifar_run.engine.resume import open_resume, refuse_overwrite
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
@@ -125,9 +126,9 @@ def _open_run_folder(
             raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
         return None, None
     if not cfg.resume:
-        checkpoint.refuse_overwrite(out_dir)
+        refuse_overwrite(out_dir)
         return None, None
-    resume_from, done = checkpoint.open_resume(out_dir, cfg, device)
+    resume_from, done = open_resume(out_dir, cfg, device)
     if done is not None:
         print(
             f"{out_dir}: already completed (test_acc {done.get('test_acc')}); nothing to do",
