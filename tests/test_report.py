@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cifar_run.cli import CONF_DIR
+from cifar_run.config.compose import CONF_DIR
 from cifar_run.outputs import files as report
 from cifar_run.outputs.summary import load_runs, summarize
 

@@ -466,7 +466,7 @@ def test_nan_is_named_at_its_exact_step_however_rarely_checked() -> None:
 
 
 def _options(group: str) -> list[str]:
-    from cifar_run.cli import groups
+    from cifar_run.config.compose import groups
 
     return groups()[group]
 
