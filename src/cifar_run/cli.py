@@ -181,7 +181,8 @@ def _report(argv: list[str] | None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from cifar_run.outputs.summary import NoRunsError, load_runs, summarize, write_summary
+    from cifar_run.outputs.run_folders import NoRunsError, load_runs
+    from cifar_run.outputs.summary import summarize, write_summary
 
     try:
         runs = load_runs(args.paths)
