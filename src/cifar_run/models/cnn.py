@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifar_run.config.values import is_int
 from cifar_run.errors import UserError
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "elu", "silu", "tanh")
@@ -72,24 +73,20 @@ def _unknown(where: str, keys: Any, allowed: tuple[str, ...]) -> None:
         raise UserError(f"{where}: unknown key {unknown[0]!r}{hint}; allowed: {', '.join(allowed)}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _int(where: str, key: str, v: Any, minimum: int, meaning: str) -> int:
-    if not _is_int(v) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise UserError(f"{_bad(where, key, v)} {meaning} must be an integer >= {minimum}")
     return v
 
 
 def _pair(where: str, key: str, v: Any, minimum: int) -> tuple[int, int]:
     """An int or a two-int list, e.g. a pool size 2 or [3, 2]."""
-    pair = (v, v) if _is_int(v) else v
+    pair = (v, v) if is_int(v) else v
     if (
         not isinstance(pair, Sequence)
         or isinstance(pair, str)
         or len(pair) != 2
-        or not all(_is_int(x) and x >= minimum for x in pair)
+        or not all(is_int(x) and x >= minimum for x in pair)
     ):
         raise UserError(
             f"{_bad(where, key, v)} must be an integer >= {minimum} or a list of two such"
@@ -257,7 +254,7 @@ class CNN(nn.Module):
         else:
             spec = {"ch": item}
         ch = spec["ch"]
-        if not _is_int(ch) or ch < 1:
+        if not is_int(ch) or ch < 1:
             raise UserError(f"{where}: {ch!r} channels; channels must be an integer >= 1")
         return spec
 
