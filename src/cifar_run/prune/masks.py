@@ -34,13 +34,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from cifar_run.errors import UserError
-from cifar_run.prune.settings import PruningSettings, validate_pruning
 
 ParamList = list[tuple[nn.Module, str]]
 
-# Validation lives in a torch-free module so the CLI can check input without importing torch.
 __all__ = [
-    "PruningSettings",
     "apply_global_l1",
     "checkpoint_sizes",
     "effective_weight",
@@ -52,7 +49,6 @@ __all__ = [
     "sparsity_table",
     "step_targets",
     "target_count",
-    "validate_pruning",
 ]
 
 # ---------------------------------------------------------------------------------------

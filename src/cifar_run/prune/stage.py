@@ -27,7 +27,6 @@ from cifar_run.prune.curve import counts, warn_fully_pruned
 from cifar_run.prune.finetune import OptimizerFactory, finetune
 from cifar_run.prune.masks import (
     ParamList,
-    PruningSettings,
     apply_global_l1,
     attach_masks,
     checkpoint_sizes,
@@ -38,6 +37,7 @@ from cifar_run.prune.masks import (
     sparsity_table,
     step_targets,
 )
+from cifar_run.prune.settings import PruningSettings
 
 log = logging.getLogger(__name__)
 
