@@ -1,7 +1,7 @@
 """run(cfg) -> results: build data, model and optimizer, train, test once, write the run folder.
 
 This is the one place that reads the config; the engine below it sees plain objects.
-With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune_stage.py) follows on the
+With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune/stage.py) follows on the
 same trained weights.
 """
 
@@ -225,7 +225,7 @@ def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
     )
     # Every random stream an epoch draws from, saved and restored with the checkpoint.
     generators = {"order": train.order_generator, "augment": train.augment_generator}
-    if mix is not None:  # only then, so that checkpoints of runs without mixing stay as they were
+    if mix is not None:  # only then: a run saves the streams it draws from, and no others
         generators["mix"] = train.mix_generator
     return data, generators
 

@@ -178,7 +178,7 @@ def check_augment(aug: DictConfig) -> None:
 
 
 def check_mix(mix: DictConfig | None) -> None:
-    """The `mix` group (absent in configs older than it: no mixing)."""
+    """The `mix` group (a saved config may lack it: no mixing)."""
     if mix is None:
         return
     one_of("mix.name", mix.get("name"), MIX_MODES)

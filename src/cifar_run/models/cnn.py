@@ -140,7 +140,7 @@ class _Defaults:
 def _check_options(
     act: Any, pool_type: Any, conv: Any, fc: Any, flags: dict[str, Any], act_slope: Any
 ) -> None:
-    """The model-wide keys that are not numbers checked as they are read."""
+    """The model-wide keys that are not numbers (numbers are checked where they are read)."""
     if act not in ACTIVATIONS:
         raise UserError(f"model.act={act!r}: allowed: {', '.join(ACTIVATIONS)}")
     if pool_type not in POOL_TYPES:

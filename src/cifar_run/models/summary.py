@@ -133,8 +133,8 @@ def _trace(
 
 
 def _table(rows: list[_Row], max_lines: int) -> list[str]:
-    """The rows as aligned text lines, runs of identical rows as one; at most `max_lines` - 1
-    lines (the last says how many rows were left out)."""
+    """The rows as aligned text lines (a collapsed run of rows with its count); at most
+    `max_lines` - 1 lines, the last saying how many rows were left out."""
     table = [("layer", "type", "output", "params", "FLOPs")]
     for r in rows:
         if r.count == 1:

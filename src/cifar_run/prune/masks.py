@@ -1,8 +1,8 @@
-"""Global L1 magnitude pruning (issue 5, after report 000): pure functions on ``nn.Module``.
+"""Global L1 magnitude pruning (as report 000 prunes): pure functions on ``nn.Module``.
 
-The masks come from ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``,
-as report 000 used: the weights with the smallest absolute value across *all* selected
-Conv2d/Linear weights are zeroed (one global threshold, not one per layer).
+The masks come from ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``:
+the weights with the smallest absolute value across *all* selected Conv2d/Linear weights are
+zeroed (one global threshold, not one per layer).
 
 No Hydra here and no file I/O; the run wires these into its train/eval loop.
 

@@ -1,7 +1,5 @@
-"""Checking `prune` and the `pruning` config group (issue 5); no torch import here.
-
-`cifar_run.prune.masks` re-exports these; the CLI imports this module directly so that a bad
-value fails in a fraction of a second.
+"""Checking `prune` and the `pruning` config group; no torch import here, so that the CLI's
+checks of a command line fail fast on a bad value, before torch loads.
 """
 
 from __future__ import annotations
