@@ -8,16 +8,25 @@ no swept key is numeric, and the validation-loss curves of every run overlaid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cifar_run.outputs import atomic
 
 if TYPE_CHECKING:  # pandas and matplotlib load lazily: `cifar-run` must start fast
     import pandas as pd
 
-    from cifar_run.outputs.summary import Summary
+    from cifar_run.outputs.run_folders import Run
 
 MAX_LEGEND = 12  # more curves than this get no legend: it would cover the plot
+
+
+class Summary(Protocol):
+    """What the figure reads of a sweep summary (outputs.summary.Summary)."""
+
+    table: pd.DataFrame  # one row per table row of a run, with its `run` name and `path`
+    keys: list[str]  # the swept keys
+    label_columns: list[str]  # columns telling apart the rows of one run
+    runs: list[Run]
 
 
 def _label(values: dict[str, Any]) -> str:
