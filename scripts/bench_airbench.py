@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import open_dict
 
-from cifar_run.cli import compose_config
+from cifar_run.config.compose import compose_config
 from cifar_run.data.sources import load_splits
 from cifar_run.errors import UserError
 

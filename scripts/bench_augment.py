@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_run.cli import CONF_DIR
+from cifar_run.config.compose import CONF_DIR
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD
 from cifar_run.data.augment import build_augment
 from cifar_run.data.loader import DeviceLoader

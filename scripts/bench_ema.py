@@ -26,7 +26,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 
-from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.config.compose import compose_config  # noqa: E402
 from cifar_run.engine.ema import step_function, weight_average  # noqa: E402
 from cifar_run.models import build_model  # noqa: E402
 

@@ -35,7 +35,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.config.compose import compose_config  # noqa: E402
 from cifar_run.errors import UserError  # noqa: E402
 from cifar_run.run import resolve_device, run  # noqa: E402
 

@@ -32,7 +32,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 
 import torch  # noqa: E402
 
-from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.config.compose import compose_config  # noqa: E402
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from cifar_run.data.augment import build_augment  # noqa: E402
 from cifar_run.data.loader import DeviceLoader  # noqa: E402

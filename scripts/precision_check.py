@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cifar_run.cli import compose_config  # noqa: E402
 from cifar_run.config.checks import validate  # noqa: E402
+from cifar_run.config.compose import compose_config  # noqa: E402
 from cifar_run.data.augment import build_augment, normalization  # noqa: E402
 from cifar_run.data.loader import DeviceLoader  # noqa: E402
 from cifar_run.data.sources import load_splits  # noqa: E402

@@ -27,7 +27,7 @@ set_openmp_defaults()  # as cifar-run does, before torch is imported
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from cifar_run.cli import compose_config  # noqa: E402
+from cifar_run.config.compose import compose_config  # noqa: E402
 from cifar_run.data.augment import build_augment  # noqa: E402
 from cifar_run.data.loader import DeviceLoader  # noqa: E402
 from cifar_run.data.sources import ArraySplit  # noqa: E402

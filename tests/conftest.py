@@ -42,7 +42,7 @@ def _isolated_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     """The config `cifar-run` would build from these overrides (no Hydra run, no files)."""
-    from cifar_run.cli import compose_config
+    from cifar_run.config.compose import compose_config
 
     return compose_config(overrides or [])
 

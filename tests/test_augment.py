@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cifar_run.cli import CONF_DIR
+from cifar_run.config.compose import CONF_DIR
 from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from cifar_run.data.augment import (
     SETS,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_run.config import compare
 from cifar_run.config.checks import validate
 from cifar_run.engine import checkpoint
 from cifar_run.errors import UserError
@@ -151,12 +152,12 @@ def test_resume_compares_ckpt_path_as_the_file_it_names(
 ) -> None:
     source, _ = trained
     best = source / "checkpoints" / "best.pt"
-    saved = checkpoint.config_snapshot(compose_cfg([*TINY, f"ckpt_path={best}"]))
+    saved = compare.config_snapshot(compose_cfg([*TINY, f"ckpt_path={best}"]))
     monkeypatch.chdir(source)
     relative = compose_cfg([*TINY, "ckpt_path=checkpoints/best.pt"])
-    assert checkpoint.config_diff(saved, relative, saved_cwd="/") == []
+    assert compare.config_diff(saved, relative, saved_cwd="/") == []
     other = compose_cfg([*TINY, "ckpt_path=checkpoints/last.pt"])
-    assert checkpoint.config_diff(saved, other, saved_cwd="/") != []
+    assert compare.config_diff(saved, other, saved_cwd="/") != []
 
 
 def test_without_a_validation_split_results_json_is_strict_json(

@@ -185,7 +185,7 @@ def test_output_folder_under_a_file_is_one_line_before_anything_runs(
 
 
 def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:
-    from cifar_run.cli import groups
+    from cifar_run.config.compose import groups
 
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

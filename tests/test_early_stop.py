@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar_run.config import compare
 from cifar_run.config.checks import validate
-from cifar_run.engine import checkpoint
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
@@ -61,9 +61,9 @@ def test_resume_after_the_stopping_epoch_trains_no_further(tmp_path: Path) -> No
 def test_a_run_from_before_the_key_resumes_under_its_null_default(tmp_path: Path) -> None:
     """config.yaml files written before `early_stop` existed lack the key; null is the same."""
     cfg = compose_cfg(TINY)
-    saved = {k: v for k, v in checkpoint.config_snapshot(cfg).items() if k != "early_stop"}
-    assert checkpoint.config_diff(saved, cfg) == []
-    assert checkpoint.config_diff(saved, compose_cfg([*TINY, "early_stop=3"])) == [
+    saved = {k: v for k, v in compare.config_snapshot(cfg).items() if k != "early_stop"}
+    assert compare.config_diff(saved, cfg) == []
+    assert compare.config_diff(saved, compose_cfg([*TINY, "early_stop=3"])) == [
         "early_stop: <absent> -> 3"
     ]
 

@@ -9,6 +9,7 @@ import matplotlib.image
 import pytest
 import torch
 
+from cifar_run.config import compare
 from cifar_run.data.loader import DeviceLoader
 from cifar_run.data.mix import Mix, build_mix, preview_grid
 from cifar_run.data.sources import ArraySplit
@@ -153,10 +154,10 @@ def test_bad_mix_values_are_one_line_errors(overrides: list[str], message: str) 
 
 
 def test_configs_from_before_the_mix_group_resume_unless_mixing_is_chosen() -> None:
-    snapshot = checkpoint.config_snapshot(compose_cfg(TINY))
+    snapshot = compare.config_snapshot(compose_cfg(TINY))
     before = {k: v for k, v in snapshot.items() if not k.startswith("mix.")}
-    assert checkpoint.config_diff(before, compose_cfg(TINY)) == []
-    assert checkpoint.config_diff(before, compose_cfg([*TINY, "mix=mixup"])) == [
+    assert compare.config_diff(before, compose_cfg(TINY)) == []
+    assert compare.config_diff(before, compose_cfg([*TINY, "mix=mixup"])) == [
         "mix.alpha: <absent> -> 0.2",
         "mix.name: <absent> -> mixup",
         "mix.prob: <absent> -> 1.0",

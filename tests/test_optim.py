@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torch.optim import lr_scheduler as S
 
-from cifar_run.cli import CONF_DIR
 from cifar_run.config.checks import validate
+from cifar_run.config.compose import CONF_DIR
 from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.errors import UserError
 from cifar_run.run import run

@@ -18,7 +18,8 @@ from cifar_run.models.lenet import LeNet5
 from cifar_run.outputs.files import RESULT_COLUMNS
 from cifar_run.prune import stage as prune_stage
 from cifar_run.prune.curve import run_curve
-from cifar_run.prune.masks import PruningSettings, prune_copy
+from cifar_run.prune.masks import prune_copy
+from cifar_run.prune.settings import PruningSettings
 
 from .conftest import largest_change
 

@@ -11,7 +11,6 @@ from torch.nn.utils import prune as torch_prune
 from cifar_run.errors import UserError
 from cifar_run.models.lenet import LeNet5
 from cifar_run.prune.masks import (
-    PruningSettings,
     apply_global_l1,
     checkpoint_sizes,
     effective_weight,
@@ -22,8 +21,8 @@ from cifar_run.prune.masks import (
     prune_copy,
     sparsity_table,
     step_targets,
-    validate_pruning,
 )
+from cifar_run.prune.settings import PruningSettings, validate_pruning
 
 LENET_PRUNABLE = 6 * 3 * 25 + 16 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10  # 61,770
 

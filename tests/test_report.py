@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from cifar_run.cli import CONF_DIR
+from cifar_run.config.compose import CONF_DIR
 from cifar_run.outputs import files as report
-from cifar_run.outputs.summary import load_runs, summarize
+from cifar_run.outputs.run_folders import load_runs
+from cifar_run.outputs.summary import summarize
 
 from .conftest import REPORT, compose_cfg, run_cli, run_report, start
 from .test_sweep import PNG_MAGIC

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cifar_run import cli
+from cifar_run.config import compare
 from cifar_run.engine import checkpoint
 from cifar_run.engine.loop import NonFiniteLoss, train_one_epoch
 from cifar_run.engine.optim import build_optimizer, build_scheduler
@@ -397,7 +398,7 @@ def test_checkpoint_holds_only_what_weights_only_loads(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, loop, model=model, cfg=cfg, device=device, **kwargs)
 
     ckpt = checkpoint.load(checkpoint.state_path(tmp_path))  # weights_only=True inside
-    assert ckpt.data["config_hash"] == checkpoint.config_hash(cfg)
+    assert ckpt.data["config_hash"] == compare.config_hash(cfg)
     fresh = LeNet5()
     optimizer2 = build_optimizer(cfg.optim, fresh.parameters(), cfg.lr)
     scheduler2 = build_scheduler(cfg.sched, optimizer2, epochs=cfg.epochs, steps_per_epoch=2)
@@ -421,25 +422,25 @@ def test_config_diff_ignores_keys_that_do_not_change_results() -> None:
     same = compose_cfg(
         [*TINY, "resume=true", "data.cache_dir=/elsewhere", "device=auto", "keep_state=false"]
     )
-    assert checkpoint.config_diff(base, same) == []
-    assert checkpoint.config_hash(base) == checkpoint.config_hash(same)
+    assert compare.config_diff(base, same) == []
+    assert compare.config_hash(base) == compare.config_hash(same)
     other = compose_cfg([*TINY, "seed=1", "optim.momentum=0.5"])
-    assert checkpoint.config_diff(base, other) == ["optim.momentum: 0.9 -> 0.5", "seed: 0 -> 1"]
+    assert compare.config_diff(base, other) == ["optim.momentum: 0.9 -> 0.5", "seed: 0 -> 1"]
 
 
 def test_keys_added_later_at_their_defaults_do_not_set_old_runs_apart() -> None:
     # A run written before `mix`, `ema`, optim.grad_clip and optim.decay_norm_and_bias
     # existed compares equal to today's defaults, and unequal to a config that uses them.
     added = ("mix.", "ema", "optim.grad_clip", "optim.decay_norm_and_bias")
-    snapshot = checkpoint.config_snapshot(compose_cfg(TINY))
+    snapshot = compare.config_snapshot(compose_cfg(TINY))
     old = {k: v for k, v in snapshot.items() if not k.startswith(added)}
     assert len(old) < len(snapshot)
-    assert checkpoint.config_diff(old, compose_cfg(TINY)) == []
+    assert compare.config_diff(old, compose_cfg(TINY)) == []
     # The hash (prune_state.pt's check) agrees with the diff.
-    assert checkpoint.config_hash(old) == checkpoint.config_hash(compose_cfg(TINY))
+    assert compare.config_hash(old) == compare.config_hash(compose_cfg(TINY))
     other = compose_cfg([*TINY, "optim.decay_norm_and_bias=false", "ema=0.9"])
-    assert checkpoint.config_hash(old) != checkpoint.config_hash(other)
-    assert checkpoint.config_diff(old, other) == [
+    assert compare.config_hash(old) != compare.config_hash(other)
+    assert compare.config_diff(old, other) == [
         "ema: <absent> -> 0.9",
         "optim.decay_norm_and_bias: <absent> -> False",
     ]
@@ -465,7 +466,7 @@ def test_nan_is_named_at_its_exact_step_however_rarely_checked() -> None:
 
 
 def _options(group: str) -> list[str]:
-    from cifar_run.cli import groups
+    from cifar_run.config.compose import groups
 
     return groups()[group]
 

@@ -270,7 +270,7 @@ def test_job_dir_name_is_safe_short_and_deterministic() -> None:
 
 
 def test_config_names_job_folders_and_registers_the_summary_callback() -> None:
-    from cifar_run.cli import CONF_DIR
+    from cifar_run.config.compose import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)

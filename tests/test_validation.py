@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_run.config.checks import MAX_SEED, validate
+from cifar_run.config.checks import validate
+from cifar_run.config.values import MAX_SEED
 from cifar_run.errors import UserError
 from cifar_run.run import run
 

@@ -38,11 +38,11 @@ TTA_MODES = ("none", "flip")
 
 # OpenMP threads that wait for work by spinning are fast on an idle machine and ruinous on a
 # busy one: a waiting thread spins on a core another process needs while the thread it waits
-# for is descheduled. On the shared 2-core machine LeNet-5 trained about 10x slower with
-# spinning threads, and 1.3x slower with two other busy processes, against a quarter faster
-# when idle (docs/benchmarks.md). libgomp reads this once, when torch is first imported, so
-# entry points set it (unless the environment already does) before that; a GOMP_SPINCOUNT in
-# the environment overrides it (the opt-in the README gives for machines of one's own).
+# for is descheduled. On a shared machine with few cores, passive waits lose a little when
+# it is idle and save many times that when it is busy (docs/speed.md). libgomp reads this
+# once, when torch is first imported, so entry points set it (unless the environment already
+# does) before that; a GOMP_SPINCOUNT in the environment overrides it (the opt-in the README
+# gives for machines of one's own).
 OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -1,7 +1,7 @@
 """run(cfg) -> results: build data, model and optimizer, train, test once, write the run folder.
 
 This is the one place that reads the config; the engine below it sees plain objects.
-With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune_stage.py) follows on the
+With `prune` > 0 (or a `pruning.curve`) the pruning stage (prune/stage.py) follows on the
 same trained weights.
 """
 
@@ -31,6 +31,7 @@ from cifar_run.engine.ema import step_function, weight_average
 from cifar_run.engine.loop import LoopData, LoopState, NonFiniteLoss, Plan, cpu_state, fit
 from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.engine.reproducibility import set_deterministic
+from cifar_run.engine.resume import open_resume, refuse_overwrite
 from cifar_run.errors import TrainingDiverged, UserError
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
@@ -125,9 +126,9 @@ def _open_run_folder(
             raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
         return None, None
     if not cfg.resume:
-        checkpoint.refuse_overwrite(out_dir)
+        refuse_overwrite(out_dir)
         return None, None
-    resume_from, done = checkpoint.open_resume(out_dir, cfg, device)
+    resume_from, done = open_resume(out_dir, cfg, device)
     if done is not None:
         print(
             f"{out_dir}: already completed (test_acc {done.get('test_acc')}); nothing to do",
@@ -224,7 +225,7 @@ def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
     )
     # Every random stream an epoch draws from, saved and restored with the checkpoint.
     generators = {"order": train.order_generator, "augment": train.augment_generator}
-    if mix is not None:  # only then, so that checkpoints of runs without mixing stay as they were
+    if mix is not None:  # only then: a run saves the streams it draws from, and no others
         generators["mix"] = train.mix_generator
     return data, generators
 

@@ -7,7 +7,6 @@ model construction, which also happens before any data is loaded.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -17,13 +16,24 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_run.config.values import (
+    boolean,
+    in_range,
+    is_int,
+    is_number,
+    non_negative_int,
+    number_pair,
+    one_of,
+    positive_int,
+    positive_number,
+    seed_value,
+)
 from cifar_run.constants import IMAGE_SUFFIXES, MIX_MODES, PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
 from cifar_run.prune.settings import PruningSettings, validate_pruning
 from cifar_run.speed.settings import SpeedSettings
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
 CIFAR10_TRAIN_IMAGES = 50_000
 DATA_SOURCES = ("cifar10", "imagefolder")
 
@@ -51,44 +61,6 @@ REQUIRED_KEYS = {
     ),
     "data": ("name", "root", "download", "val_size", "subset", "split_seed", "cache_dir"),
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def positive_int(key: str, value: Any) -> int:
-    if not _is_int(value) or value <= 0:
-        raise UserError(f"{key}={value}: must be a positive integer")
-    return value
-
-
-def non_negative_int(key: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise UserError(f"{key}={value}: must be an integer >= 0")
-    return value
-
-
-def seed_value(key: str, value: Any) -> int:
-    if not _is_int(value) or not 0 <= value <= MAX_SEED:
-        raise UserError(f"{key}={value}: must be an integer in [0, {MAX_SEED}]")
-    return value
-
-
-def positive_number(key: str, value: Any) -> float:
-    if not _is_number(value) or not value > 0 or value != value or value == float("inf"):
-        raise UserError(f"{key}={value}: must be a positive number")
-    return float(value)
-
-
-def boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{key}={value}: must be true or false")
-    return value
 
 
 def check_device(value: Any) -> None:
@@ -161,47 +133,11 @@ def check_data(data: DictConfig) -> None:
             raise UserError(
                 f"data.val_size={val}: a fraction must be in (0, 1); or give a count >= 0"
             )
-    elif not _is_int(val) or not 0 <= val < train_images:
+    elif not is_int(val) or not 0 <= val < train_images:
         raise UserError(
             f"data.val_size={val}: must be a count in [0, {train_images}) (the training set "
             f"has {train_images} images) or a fraction in (0, 1)"
         )
-
-
-def _in_range(
-    key: str,
-    value: Any,
-    lo: float,
-    hi: float,
-    allowed: str,
-    *,
-    open_lo: bool = False,
-    open_hi: bool = False,
-) -> float:
-    ok = _is_number(value) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
-    if not ok:
-        raise UserError(f"{key}={value}: must be {allowed}")
-    return float(value)
-
-
-def one_of(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise UserError(f"{key}={value}: unknown; allowed: {', '.join(choices)}")
-    return value
-
-
-def _pair(key: str, value: Any, lo: float, hi: float, allowed: str) -> None:
-    """A [min, max] range of numbers with lo < min <= max <= hi."""
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(_is_number(v) and math.isfinite(v) for v in value)
-        or not lo < value[0] <= value[1] <= hi
-    ):
-        raise UserError(f"{key}={value}: must be [min, max] with {allowed}")
 
 
 NORMALIZE = ("cifar", "half", "dataset", "imagenet")
@@ -222,19 +158,19 @@ def check_augment(aug: DictConfig) -> None:
                 "image side (at most 31)"
             )
     if "flip" in aug:
-        _in_range("augment.flip", aug.flip, 0, 1, "a probability in [0, 1]")
+        in_range("augment.flip", aug.flip, 0, 1, "a probability in [0, 1]")
     if "degrees" in aug:
-        _in_range("augment.degrees", aug.degrees, 0, 180, "an angle in [0, 180] degrees")
+        in_range("augment.degrees", aug.degrees, 0, 180, "an angle in [0, 180] degrees")
     if "scale" in aug:
-        _pair("augment.scale", aug.scale, 0, 1, "0 < min <= max <= 1 (fractions of the area)")
+        number_pair("augment.scale", aug.scale, 0, 1, "0 < min <= max <= 1 (fractions of the area)")
     if "ratio" in aug:
-        _pair("augment.ratio", aug.ratio, 0, float("inf"), "0 < min <= max (width / height)")
-    if "size" in aug and (not _is_int(aug.size) or not 1 <= aug.size <= 32):
+        number_pair("augment.ratio", aug.ratio, 0, float("inf"), "0 < min <= max (width / height)")
+    if "size" in aug and (not is_int(aug.size) or not 1 <= aug.size <= 32):
         raise UserError(f"augment.size={aug.size}: must be an integer in 1..32 (pixels)")
     if "policy" in aug:
         one_of("augment.policy", aug.policy, AUTOAUGMENT_POLICIES)
     if "num_magnitude_bins" in aug and (
-        not _is_int(aug.num_magnitude_bins) or aug.num_magnitude_bins < 2
+        not is_int(aug.num_magnitude_bins) or aug.num_magnitude_bins < 2
     ):
         raise UserError(
             f"augment.num_magnitude_bins={aug.num_magnitude_bins}: must be an integer >= 2"
@@ -242,16 +178,16 @@ def check_augment(aug: DictConfig) -> None:
 
 
 def check_mix(mix: DictConfig | None) -> None:
-    """The `mix` group (absent in configs older than it: no mixing)."""
+    """The `mix` group (a saved config may lack it: no mixing)."""
     if mix is None:
         return
     one_of("mix.name", mix.get("name"), MIX_MODES)
     if mix.name == "none":
         return
-    _in_range("mix.alpha", mix.get("alpha"), 0, float("inf"), "a number > 0", open_lo=True)
-    _in_range("mix.prob", mix.get("prob"), 0, 1, "a probability in [0, 1]")
+    in_range("mix.alpha", mix.get("alpha"), 0, float("inf"), "a number > 0", open_lo=True)
+    in_range("mix.prob", mix.get("prob"), 0, 1, "a probability in [0, 1]")
     if mix.name == "mixup_cutmix":
-        _in_range(
+        in_range(
             "mix.cutmix_alpha",
             mix.get("cutmix_alpha"),
             0,
@@ -259,12 +195,12 @@ def check_mix(mix: DictConfig | None) -> None:
             "a number > 0",
             open_lo=True,
         )
-        _in_range("mix.switch_prob", mix.get("switch_prob"), 0, 1, "a probability in [0, 1]")
+        in_range("mix.switch_prob", mix.get("switch_prob"), 0, 1, "a probability in [0, 1]")
 
 
 def check_optim(optim: DictConfig) -> None:
     """The keys of the optim group that the chosen optimizer has."""
-    _in_range(
+    in_range(
         "optim.label_smoothing", optim.get("label_smoothing", 0.0), 0, 1, "in [0, 1)", open_hi=True
     )
     if "decay_norm_and_bias" in optim:
@@ -272,9 +208,9 @@ def check_optim(optim: DictConfig) -> None:
     if optim.get("grad_clip") is not None:
         positive_number("optim.grad_clip", optim.grad_clip)
     if "momentum" in optim:
-        _in_range("optim.momentum", optim.momentum, 0, 1, "in [0, 1)", open_hi=True)
+        in_range("optim.momentum", optim.momentum, 0, 1, "in [0, 1)", open_hi=True)
     if "weight_decay" in optim:
-        _in_range("optim.weight_decay", optim.weight_decay, 0, float("inf"), "a number >= 0")
+        in_range("optim.weight_decay", optim.weight_decay, 0, float("inf"), "a number >= 0")
     if "nesterov" in optim:
         boolean("optim.nesterov", optim.nesterov)
         if optim.nesterov and not optim.get("momentum", 0) > 0:
@@ -289,7 +225,7 @@ def check_optim(optim: DictConfig) -> None:
             isinstance(betas, str)
             or not isinstance(betas, Sequence)
             or len(betas) != 2
-            or not all(_is_number(b) and 0 <= b < 1 for b in betas)
+            or not all(is_number(b) and 0 <= b < 1 for b in betas)
         ):
             raise UserError(f"optim.betas={betas}: must be [beta1, beta2], each in [0, 1)")
 
@@ -304,7 +240,7 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
             "(warmup is part of the run)"
         )
     if "warmup_start_factor" in sched:
-        _in_range(
+        in_range(
             "sched.warmup_start_factor", sched.warmup_start_factor, 0, 1, "in (0, 1]", open_lo=True
         )
     main_epochs = epochs - warmup
@@ -315,7 +251,7 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
         if (
             isinstance(ms, str)
             or not isinstance(ms, Sequence)
-            or not all(_is_int(m) and 1 <= m <= main_epochs for m in ms)
+            or not all(is_int(m) and 1 <= m <= main_epochs for m in ms)
         ):
             raise UserError(
                 f"sched.milestones={ms}: must be a list of epochs in 1..{main_epochs} "
@@ -330,11 +266,11 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
             positive_int(f"sched.{key}", sched[key])
     for key in ("eta_min", "min_lr", "threshold"):
         if key in sched:
-            _in_range(f"sched.{key}", sched[key], 0, float("inf"), "a number >= 0")
+            in_range(f"sched.{key}", sched[key], 0, float("inf"), "a number >= 0")
     if "max_lr" in sched:
         positive_number("sched.max_lr", sched.max_lr)
     if "pct_start" in sched:
-        _in_range("sched.pct_start", sched.pct_start, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
+        in_range("sched.pct_start", sched.pct_start, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
     for key in ("div_factor", "final_div_factor"):
         if key in sched:
             positive_number(f"sched.{key}", sched[key])
@@ -343,10 +279,10 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
     if "cycle_momentum" in sched:
         boolean("sched.cycle_momentum", sched.cycle_momentum)
     if "base_momentum" in sched:
-        _in_range("sched.base_momentum", sched.base_momentum, 0, 1, "in [0, 1)", open_hi=True)
+        in_range("sched.base_momentum", sched.base_momentum, 0, 1, "in [0, 1)", open_hi=True)
     if "max_momentum" in sched:
         low = sched.get("base_momentum", 0)
-        _in_range(
+        in_range(
             "sched.max_momentum",
             sched.max_momentum,
             low,
@@ -366,7 +302,7 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
                 "data.val_size=0"
             )
     if "factor" in sched:
-        _in_range("sched.factor", sched.factor, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
+        in_range("sched.factor", sched.factor, 0, 1, "in (0, 1)", open_lo=True, open_hi=True)
     for key in ("patience", "cooldown"):
         if key in sched:
             non_negative_int(f"sched.{key}", sched[key])
@@ -468,7 +404,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.epochs > 0:  # with epochs=0 no schedule is built
         check_sched(cfg.sched, cfg.epochs, has_val=cfg.data.val_size != 0)
     if cfg.get("ema") is not None:
-        _in_range("ema", cfg.ema, 0, 1, "a decay in (0, 1), or null", open_lo=True, open_hi=True)
+        in_range("ema", cfg.ema, 0, 1, "a decay in (0, 1), or null", open_lo=True, open_hi=True)
     if cfg.get("early_stop") is not None and cfg.data.val_size == 0:
         raise UserError(
             f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"

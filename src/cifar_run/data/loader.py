@@ -42,8 +42,8 @@ class DeviceLoader:
         self.images = split.images.to(device)
         # On the CPU, channels_last batches without augmentation are gathered straight from
         # NHWC rows (the images keep their NCHW shape with channels_last strides): turning a
-        # 3-channel uint8 batch into NHWC took longer than everything else a batch needs
-        # (docs/benchmarks.md, "Preparing batches"). Augmentations take NCHW batches.
+        # 3-channel uint8 batch into NHWC costs more than everything else a batch needs
+        # (docs/speed.md). Augmentations take NCHW batches.
         self._gather_nhwc = (
             device.type == "cpu"
             and memory_format == torch.channels_last
@@ -82,8 +82,8 @@ class DeviceLoader:
             }
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """The batch's uint8 images. index_select copies whole rows; `images[idx]` (advanced
-        indexing) took 2x as long for a batch of 64 on the CPU and 4x for 512."""
+        """The batch's uint8 images. index_select copies whole rows, several times faster on
+        the CPU than `images[idx]` (advanced indexing), the more so the larger the batch."""
         if self._gather_nhwc:
             return self.images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
         return self.images.index_select(0, idx)
@@ -93,11 +93,11 @@ class DeviceLoader:
         `x.float() * scale + shift` up to the last bit (a fused multiply-add rounds once).
 
         On CUDA one pass: addcmul reads the uint8 values and writes the float layout asked
-        for, where reordering, converting, scaling and shifting took four. On the CPU that
-        pass (mixed dtypes, a 3-long innermost loop for the per-channel factors) took 0.29 ms
-        for a batch of 64; there the batch is converted to float as it lies in memory and
-        scaled in place by factors per value of an image, one vectorised pass each, and
-        then put in the memory format if it is not already (0.05 ms from NHWC rows)."""
+        for, where reordering, converting, scaling and shifting would take four. On the CPU
+        that pass is slow (mixed dtypes, a 3-long innermost loop for the per-channel
+        factors); there the batch is converted to float as it lies in memory and scaled in
+        place by factors per value of an image, one vectorised pass each, and then put in
+        the memory format if it is not already (docs/speed.md)."""
         layout = _layout(x)
         if layout not in self._per_value or x.shape[1:] != self.images.shape[1:]:
             out = torch.empty(

@@ -104,7 +104,7 @@ def epoch_rng(generator: torch.Generator) -> random.Random:
 
 
 def build_mix(cfg: Any, num_classes: int) -> Mix | None:
-    """The `mix` group as a Mix, or None for `mix=none` (and configs older than the group)."""
+    """The `mix` group as a Mix, or None for `mix=none` (and a saved config that lacks it)."""
     if cfg is None or cfg.name == "none":
         return None
     extra = {k: float(cfg[k]) for k in ("cutmix_alpha", "switch_prob") if k in cfg}

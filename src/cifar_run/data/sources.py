@@ -77,7 +77,7 @@ def load_cifar10(root: str | os.PathLike, download: bool = True) -> tuple[ArrayS
 
 
 def _list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    # Plain strings, not Path objects: building 60,000 Paths took longer than the listing.
+    # Plain strings, not Path objects: a Path per file would cost more than the listing.
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
     items: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
@@ -93,8 +93,8 @@ def _list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
     """Changes when any file is added, removed, renamed, resized or touched.
 
-    One stat per file (about 0.1 s for CIFAR-10's 60,000 on a warm disk cache); the hashed
-    text is the same as it always was, so existing caches stay valid.
+    One stat per file, cheap next to decoding. The hashed text must not change: it names the
+    caches already written, which a change would make every folder decode again.
     """
     prefix = len(os.path.join(str(root), ""))
     stat = os.stat
@@ -110,9 +110,9 @@ def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
 def _decode(paths: list[str]) -> torch.Tensor:
     """Every image as (N, 3, 32, 32) uint8, decoded by Pillow in this thread.
 
-    One thread on purpose: a 32x32 JPEG decodes in about 0.15 ms, so the per-image Python
-    work between decodes dominates, and with a thread pool the threads mostly waited for the
-    GIL (the full CIFAR-10 folder: about 20 s with two threads, about 10 s with one).
+    One thread on purpose: a 32x32 JPEG decodes so quickly that the per-image Python work
+    between decodes dominates, and in a thread pool the threads mostly wait for the GIL,
+    which makes two threads slower than one.
     """
     from PIL import Image
 

@@ -9,8 +9,6 @@ the data order and augmentation generators, and the resolved config with its has
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cifar_run.config.compare import config_hash
 from cifar_run.engine.ema import averaged_weights
 from cifar_run.engine.loop import LoopState, cpu_state
 from cifar_run.engine.reproducibility import rng_state, set_rng_state
@@ -36,20 +35,6 @@ LAST_FILE = Path("checkpoints") / "last.pt"
 STAGE_FILE = Path("checkpoints") / "prune_state.pt"
 FORMAT = 1
 _REQUIRED = ("epoch", "history", "best", "model", "optimizer", "scheduler", "rng", "config")
-
-# Keys that cannot change a run's numbers, so a resume may differ in them: the resume switch
-# itself, where the decode cache lives, whether downloading is allowed, Hydra's own settings.
-# `device` is compared by kind (cpu / cuda) in `check_config`, not by spelling: `auto`,
-# `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
-IGNORED_KEYS = (
-    "resume",
-    "dry_run",
-    "keep_state",
-    "device",
-    "data.cache_dir",
-    "data.download",
-    "hydra",
-)
 
 
 @dataclass
@@ -71,105 +56,6 @@ def save_weights(out_dir: str | Path | None, file: Path, state: Mapping[str, tor
     a folder (out_dir None) keeps nothing."""
     if out_dir is not None:
         atomic.torch_save(dict(state), Path(out_dir) / file)
-
-
-# ---------------------------------------------------------------------------------------------
-# The config a checkpoint belongs to
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(f"{k}.") for k in IGNORED_KEYS)
-
-
-def config_snapshot(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config as flat `dotted.key: value` pairs that affect the results."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return {k: v for k, v in sorted(_flatten(container).items()) if not _ignored(k)}
-
-
-# Keys added after runs were written whose default is not null, at that default: it changes
-# nothing, so a saved config without the key and a current one with it compare as equal.
-LATER_DEFAULTS = {"mix.name": "none", "optim.decay_norm_and_bias": True}
-
-
-def _as_if_absent(key: str, value: Any) -> bool:
-    """A null, or a later key at its default: the same as a config without the key."""
-    return value is None or (key in LATER_DEFAULTS and LATER_DEFAULTS[key] == value)
-
-
-def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """A hash of what config_diff compares: equal hashes for configs it finds no difference
-    in (e.g. the prune_state.pt of a run written before a key was added)."""
-    kept = {k: v for k, v in config_snapshot(cfg).items() if not _as_if_absent(k, v)}
-    text = json.dumps(kept, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# Keys naming a folder or file, relative to the working directory of the command that set them.
-PATH_KEYS = ("data.root", "ckpt_path")
-
-
-def _folder(path: str, cwd: str) -> str:
-    return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
-
-
-def config_diff(
-    saved: Mapping[str, Any], current: Mapping[str, Any], saved_cwd: str | None = None
-) -> list[str]:
-    """`key: saved -> current` for every result-affecting key that differs. A key set to
-    null counts as absent, so a key added later with a null default (`early_stop`) does not
-    set apart the runs of configs written before it; nor does one at its LATER_DEFAULTS value.
-
-    With `saved_cwd`, the working directory of the run that wrote `saved`, path keys are
-    compared as the folders they name (`tests/data` there and its absolute path here agree);
-    without it, as written."""
-    old, new = config_snapshot(saved), config_snapshot(current)
-    if saved_cwd is not None:
-        for key in PATH_KEYS:
-            was, now = old.get(key), new.get(key)
-            if isinstance(was, str) and isinstance(now, str):
-                if _folder(was, saved_cwd) == _folder(now, os.getcwd()):
-                    old[key] = now
-    for snapshot in (old, new):
-        for key in [k for k in LATER_DEFAULTS if k in snapshot]:
-            if _as_if_absent(key, snapshot[key]):
-                del snapshot[key]
-    absent = "<absent>"
-    return [
-        f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    ]
-
-
-def check_config(ckpt: Checkpoint, cfg: DictConfig, device: torch.device) -> None:
-    """Refuse to resume under a config that would give other numbers than the original."""
-    differences = config_diff(ckpt.data["config"], cfg, ckpt.data.get("cwd"))
-    saved_device = torch.device(ckpt.data.get("device", "cpu"))
-    if saved_device.type != device.type:
-        differences.append(f"device: {saved_device.type} -> {device.type}")
-    _refuse_differences(ckpt.path, differences)
-
-
-def _refuse_differences(path: Path, differences: list[str]) -> None:
-    if differences:
-        raise CheckpointError(
-            f"resume=true: {path} belongs to another config ({'; '.join(differences)}); "
-            "resume with the run's own overrides (its config.yaml), or start a new run"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving, loading, restoring
 
 
 def save(
@@ -322,77 +208,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             "was it saved from another model= ?"
         )
     model.load_state_dict(data)
-
-
-def open_for_resume(out_dir: str | Path, cfg: DictConfig, device: torch.device) -> Checkpoint:
-    """The checkpoint of the run in `out_dir`, checked against `cfg` (`resume=true`)."""
-    path = state_path(out_dir)
-    if not path.exists():
-        raise CheckpointError(
-            f"resume=true: no checkpoint in {out_dir} ({STATE_FILE} is missing); "
-            "resume needs the folder of an interrupted run: hydra.run.dir=<run folder>"
-        )
-    ckpt = load(path)
-    check_config(ckpt, cfg, device)
-    return ckpt
-
-
-def open_resume(
-    out_dir: str | Path, cfg: DictConfig, device: torch.device
-) -> tuple[Checkpoint | None, dict[str, Any] | None]:
-    """`resume=true`: (the checkpoint to continue from, None), or (None, its results) when
-    the run in `out_dir` has completed already. Either way checked against `cfg`: from
-    state.pt, or from config.yaml when keep_state=false has removed state.pt."""
-    done = completed_results(out_dir)
-    if done is None or state_path(out_dir).exists():
-        ckpt = open_for_resume(out_dir, cfg, device)
-        return (ckpt, None) if done is None else (None, done)
-    _refuse_differences(Path(out_dir) / "config.yaml", run_config_diff(out_dir, cfg))
-    return None, done
-
-
-def run_config_diff(out_dir: str | Path, cfg: DictConfig | Mapping[str, Any]) -> list[str]:
-    """config_diff between the config.yaml a run wrote into `out_dir` and `cfg`; empty when
-    there is no readable config.yaml (nothing to compare with). Paths are compared as folders
-    when Hydra's record of the run (.hydra/hydra.yaml) names its working directory."""
-    try:
-        record = OmegaConf.to_container(OmegaConf.load(Path(out_dir) / "config.yaml"))
-    except Exception:  # missing, or not YAML OmegaConf can read
-        return []
-    return config_diff(record, cfg, _hydra_cwd(out_dir))
-
-
-def _hydra_cwd(out_dir: str | Path) -> str | None:
-    """hydra.runtime.cwd of the run in `out_dir`, if Hydra wrote its record there."""
-    try:
-        cwd = OmegaConf.load(Path(out_dir) / ".hydra" / "hydra.yaml").hydra.runtime.cwd
-    except Exception:  # no record (hydra.output_subdir=null, or a run made without Hydra)
-        return None
-    return cwd if isinstance(cwd, str) else None
-
-
-def refuse_overwrite(out_dir: str | Path) -> None:
-    """A fresh run must not overwrite another run's checkpoint or results (a completed run
-    with keep_state=false has results.json but no state.pt)."""
-    if state_path(out_dir).exists():
-        raise UserError(
-            f"hydra.run.dir={out_dir}: already holds a run ({STATE_FILE}); add resume=true to "
-            "continue it, or choose another folder"
-        )
-    if completed_results(out_dir) is not None:
-        raise UserError(
-            f"hydra.run.dir={out_dir}: already holds a completed run (results.json); "
-            "choose another folder"
-        )
-
-
-def completed_results(out_dir: str | Path) -> dict[str, Any] | None:
-    """results.json of a completed run in `out_dir`, else None."""
-    try:
-        results = json.loads((Path(out_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) and results.get("status") == "completed" else None
 
 
 def restore(

@@ -43,10 +43,10 @@ def step_function(average: WeightAverage, model: nn.Module) -> Callable[[], None
     The arithmetic is get_ema_multi_avg_fn's (one foreach lerp over the floating-point
     tensors, `decay * average + (1 - decay) * weights` for integer buffers such as
     BatchNorm's batch counter), so the results are identical; what goes is AveragedModel's
-    per-step pairing and grouping of every tensor in Python (LeNet-5 on the CPU: 0.28 ->
-    0.07 ms per step, next to a 7 ms training step; scripts/bench_ema.py). The pairs hold the
-    tensors themselves, which optimizers and load_state_dict update in place; build it again
-    after replacing one.
+    per-step pairing and grouping of every tensor in Python, a noticeable share of a small
+    net's CPU step (docs/speed.md; scripts/bench_ema.py). The pairs hold the tensors
+    themselves, which optimizers and load_state_dict update in place; build it again after
+    replacing one.
     """
     pairs = [
         (a.detach(), m.detach())

@@ -90,8 +90,8 @@ def train_one_epoch(
     `grad_clip`: scale the gradients of all parameters together down to at most this L2
     norm before each step (torch.nn.utils.clip_grad_norm_; with a scaler, of the unscaled
     gradients). `after_step` is called after every optimizer step (e.g. a weight average's
-    update). `split`: run each batch's forward and backward as two halves on two threads
-    (cifar_run.speed.halves; ignored for a model it does not suit and with a scaler).
+    update). `steps`: how each batch's forward and backward run, asked once for the epoch
+    (cifar_run.speed.interface; None: the plain step).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.

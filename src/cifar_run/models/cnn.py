@@ -35,11 +35,13 @@ the layer before any data is loaded.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from cifar_run.config.values import is_int
 from cifar_run.errors import UserError
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "elu", "silu", "tanh")
@@ -72,24 +74,20 @@ def _unknown(where: str, keys: Any, allowed: tuple[str, ...]) -> None:
         raise UserError(f"{where}: unknown key {unknown[0]!r}{hint}; allowed: {', '.join(allowed)}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _int(where: str, key: str, v: Any, minimum: int, meaning: str) -> int:
-    if not _is_int(v) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise UserError(f"{_bad(where, key, v)} {meaning} must be an integer >= {minimum}")
     return v
 
 
 def _pair(where: str, key: str, v: Any, minimum: int) -> tuple[int, int]:
     """An int or a two-int list, e.g. a pool size 2 or [3, 2]."""
-    pair = (v, v) if _is_int(v) else v
+    pair = (v, v) if is_int(v) else v
     if (
         not isinstance(pair, Sequence)
         or isinstance(pair, str)
         or len(pair) != 2
-        or not all(_is_int(x) and x >= minimum for x in pair)
+        or not all(is_int(x) and x >= minimum for x in pair)
     ):
         raise UserError(
             f"{_bad(where, key, v)} must be an integer >= {minimum} or a list of two such"
@@ -126,6 +124,130 @@ class LinearBlock(ConvBlock):
     """One hidden entry of ``fc``: Linear, activation, dropout."""
 
 
+@dataclass(frozen=True)
+class _Defaults:
+    """The model-wide settings every conv block starts from (a block's keys override some)."""
+
+    kernel: int
+    pool: int | Sequence[int] | None
+    act: str
+    act_slope: float
+    batchnorm: bool
+    bn_after_act: bool
+    pool_type: str
+
+
+def _check_options(
+    act: Any, pool_type: Any, conv: Any, fc: Any, flags: dict[str, Any], act_slope: Any
+) -> None:
+    """The model-wide keys that are not numbers (numbers are checked where they are read)."""
+    if act not in ACTIVATIONS:
+        raise UserError(f"model.act={act!r}: allowed: {', '.join(ACTIVATIONS)}")
+    if pool_type not in POOL_TYPES:
+        raise UserError(f"model.pool_type={pool_type!r}: allowed: {', '.join(POOL_TYPES)}")
+    if isinstance(conv, (str, Mapping)) or not isinstance(conv, Sequence):
+        raise UserError(f"model.conv={conv!r}: must be a list of channels or mappings")
+    if isinstance(fc, (str, Mapping)) or not isinstance(fc, Sequence):
+        raise UserError(f"model.fc={fc!r}: must be a list of widths or mappings")
+    for key, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise UserError(f"model.{key}={flag!r}: must be true or false")
+    if isinstance(act_slope, bool) or not isinstance(act_slope, (int, float)):
+        raise UserError(f"model.act_slope={act_slope!r}: must be a number")
+
+
+def _conv_spec(where: str, item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        _unknown(where, item, CONV_KEYS)
+        if "ch" not in item:
+            raise UserError(f"{where}: missing 'ch' (the number of output channels)")
+        spec = dict(item)
+    else:
+        spec = {"ch": item}
+    ch = spec["ch"]
+    if not is_int(ch) or ch < 1:
+        raise UserError(f"{where}: {ch!r} channels; channels must be an integer >= 1")
+    return spec
+
+
+def _conv_block(
+    i: int, item: Any, channels: int, h: int, w: int, d: _Defaults
+) -> tuple[ConvBlock, int, int, int]:
+    """Entry `i` of ``conv`` on a `channels` x `h` x `w` input: the block, and its output's
+    channels, height and width."""
+    where = f"model.conv[{i}] (conv {i + 1})"
+    spec = _conv_spec(where, item)
+    ch = spec["ch"]
+    k = _int(where, "k", spec.get("k", d.kernel), 1, "the kernel size")
+    stride = _int(where, "stride", spec.get("stride", 1), 1, "the stride")
+    pad = _int(where, "pad", spec.get("pad", k // 2), 0, "the padding")
+    if h + 2 * pad < k or w + 2 * pad < k:
+        raise UserError(
+            f"{where}: input is {_size(h, w)}, a {k}x{k} kernel with padding {pad} "
+            "would leave nothing; use a smaller kernel, more padding or fewer "
+            "downsampling layers before it"
+        )
+    h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    use_bn = spec.get("bn", d.batchnorm)
+    if not isinstance(use_bn, bool):
+        raise UserError(f"{_bad(where, 'bn', use_bn)} must be true or false")
+    layers: list[nn.Module] = [nn.Conv2d(channels, ch, k, stride=stride, padding=pad)]
+    act_layer = _activation(d.act, d.act_slope)
+    norm_act = [act_layer]
+    if use_bn:
+        norm_act.insert(len(norm_act) if d.bn_after_act else 0, nn.BatchNorm2d(ch))
+    layers += norm_act
+    label = f"{channels}->{ch}, k{k} s{stride} p{pad}" + ("" if use_bn else ", no BN")
+    block_pool = spec.get("pool", d.pool)
+    if block_pool is not None:
+        ph, pw = _pair(where, "pool", block_pool, 1)
+        if ph > h or pw > w:
+            raise UserError(
+                f"{where}: input is {_size(h, w)}, pooling {ph}x{pw} would leave "
+                "nothing; use a smaller pool or fewer downsampling layers before it"
+            )
+        # A max pool commutes with a ReLU or LeakyReLU just before it (both keep order;
+        # same outputs and gradients bit for bit), and the activation then touches a
+        # fraction of the values; the indices of the layers with state stay the same.
+        swap = d.pool_type == "max" and d.act in ("relu", "leaky_relu") and layers[-1] is act_layer
+        pool_cls = nn.MaxPool2d if d.pool_type == "max" else nn.AvgPool2d
+        layers.insert(len(layers) - 1 if swap else len(layers), pool_cls((ph, pw)))
+        h, w = h // ph, w // pw
+        label += f", {d.pool_type}pool {ph}x{pw}"
+    for key, cls in (("dropout", nn.Dropout), ("dropout2d", nn.Dropout2d)):
+        p = _prob(where, key, spec.get(key, 0.0))
+        if p > 0:
+            layers.append(cls(p))
+            label += f", {key} {p:g}"
+    return ConvBlock(layers, label), ch, h, w
+
+
+def _hidden_layers(
+    fc: Sequence[Any], features: int, fc_dropout: float, act: str, act_slope: float
+) -> tuple[list[nn.Module], int]:
+    """The hidden entries of ``fc`` on `features` inputs: their blocks, and the last width."""
+    hidden: list[nn.Module] = []
+    for i, item in enumerate(fc):
+        where = f"model.fc[{i}] (FC {i + 1})"
+        if isinstance(item, Mapping):
+            _unknown(where, item, FC_KEYS)
+            if "units" not in item:
+                raise UserError(f"{where}: missing 'units' (the width of the layer)")
+            units, p = item["units"], item.get("dropout", fc_dropout)
+        else:
+            units, p = item, fc_dropout
+        units = _int(where, "units", units, 1, "an FC width")
+        p = _prob(where, "dropout", p)
+        layers = [nn.Linear(features, units), _activation(act, act_slope)]
+        label = f"{features}->{units}"
+        if p > 0:
+            layers.append(nn.Dropout(p))
+            label += f", dropout {p:g}"
+        hidden.append(LinearBlock(layers, label))
+        features = units
+    return hidden, features
+
+
 class CNN(nn.Module):
     """A plain CNN built from YAML lists; see the module docstring for the schema."""
 
@@ -147,75 +269,19 @@ class CNN(nn.Module):
         fc_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise UserError(f"model.act={act!r}: allowed: {', '.join(ACTIVATIONS)}")
-        if pool_type not in POOL_TYPES:
-            raise UserError(f"model.pool_type={pool_type!r}: allowed: {', '.join(POOL_TYPES)}")
-        if isinstance(conv, (str, Mapping)) or not isinstance(conv, Sequence):
-            raise UserError(f"model.conv={conv!r}: must be a list of channels or mappings")
-        if isinstance(fc, (str, Mapping)) or not isinstance(fc, Sequence):
-            raise UserError(f"model.fc={fc!r}: must be a list of widths or mappings")
-        for key, flag in (("batchnorm", batchnorm), ("bn_after_act", bn_after_act)):
-            if not isinstance(flag, bool):
-                raise UserError(f"model.{key}={flag!r}: must be true or false")
-        if isinstance(act_slope, bool) or not isinstance(act_slope, (int, float)):
-            raise UserError(f"model.act_slope={act_slope!r}: must be a number")
+        flags = {"batchnorm": batchnorm, "bn_after_act": bn_after_act}
+        _check_options(act, pool_type, conv, fc, flags, act_slope)
         num_classes = _int("model", "num_classes", num_classes, 1, "the class count")
         channels = _int("model", "in_channels", in_channels, 1, "the input channel count")
         kernel = _int("model", "kernel", kernel, 1, "the default kernel size")
         fc_dropout = _prob("model", "fc_dropout", fc_dropout)
         h, w = _pair("model", "input_size", input_size, 1)
-        pool_cls = nn.MaxPool2d if pool_type == "max" else nn.AvgPool2d
+        defaults = _Defaults(kernel, pool, act, act_slope, batchnorm, bn_after_act, pool_type)
 
         blocks: list[nn.Module] = []
         for i, item in enumerate(conv):
-            where = f"model.conv[{i}] (conv {i + 1})"
-            spec = self._conv_spec(where, item)
-            ch = spec["ch"]
-            k = _int(where, "k", spec.get("k", kernel), 1, "the kernel size")
-            stride = _int(where, "stride", spec.get("stride", 1), 1, "the stride")
-            pad = _int(where, "pad", spec.get("pad", k // 2), 0, "the padding")
-            if h + 2 * pad < k or w + 2 * pad < k:
-                raise UserError(
-                    f"{where}: input is {_size(h, w)}, a {k}x{k} kernel with padding {pad} "
-                    "would leave nothing; use a smaller kernel, more padding or fewer "
-                    "downsampling layers before it"
-                )
-            h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-            use_bn = spec.get("bn", batchnorm)
-            if not isinstance(use_bn, bool):
-                raise UserError(f"{_bad(where, 'bn', use_bn)} must be true or false")
-            layers: list[nn.Module] = [nn.Conv2d(channels, ch, k, stride=stride, padding=pad)]
-            act_layer = _activation(act, act_slope)
-            norm_act = [act_layer]
-            if use_bn:
-                norm_act.insert(len(norm_act) if bn_after_act else 0, nn.BatchNorm2d(ch))
-            layers += norm_act
-            label = f"{channels}->{ch}, k{k} s{stride} p{pad}" + ("" if use_bn else ", no BN")
-            block_pool = spec.get("pool", pool)
-            if block_pool is not None:
-                ph, pw = _pair(where, "pool", block_pool, 1)
-                if ph > h or pw > w:
-                    raise UserError(
-                        f"{where}: input is {_size(h, w)}, pooling {ph}x{pw} would leave "
-                        "nothing; use a smaller pool or fewer downsampling layers before it"
-                    )
-                # A max pool commutes with a ReLU or LeakyReLU just before it (both keep order;
-                # same outputs and gradients bit for bit), and the activation then touches a
-                # fraction of the values; the indices of the layers with state stay the same.
-                swap = (
-                    pool_type == "max" and act in ("relu", "leaky_relu") and layers[-1] is act_layer
-                )
-                layers.insert(len(layers) - 1 if swap else len(layers), pool_cls((ph, pw)))
-                h, w = h // ph, w // pw
-                label += f", {pool_type}pool {ph}x{pw}"
-            for key, cls in (("dropout", nn.Dropout), ("dropout2d", nn.Dropout2d)):
-                p = _prob(where, key, spec.get(key, 0.0))
-                if p > 0:
-                    layers.append(cls(p))
-                    label += f", {key} {p:g}"
-            blocks.append(ConvBlock(layers, label))
-            channels = ch
+            block, channels, h, w = _conv_block(i, item, channels, h, w, defaults)
+            blocks.append(block)
         self.features = nn.Sequential(*blocks)
 
         if pool_out is None:
@@ -223,43 +289,8 @@ class CNN(nn.Module):
         else:
             h, w = _pair("model", "pool_out", pool_out, 1)
             self.pool = nn.AdaptiveAvgPool2d((h, w))
-        features = channels * h * w
-
-        hidden: list[nn.Module] = [nn.Flatten()]
-        for i, item in enumerate(fc):
-            where = f"model.fc[{i}] (FC {i + 1})"
-            if isinstance(item, Mapping):
-                _unknown(where, item, FC_KEYS)
-                if "units" not in item:
-                    raise UserError(f"{where}: missing 'units' (the width of the layer)")
-                units, p = item["units"], item.get("dropout", fc_dropout)
-            else:
-                units, p = item, fc_dropout
-            units = _int(where, "units", units, 1, "an FC width")
-            p = _prob(where, "dropout", p)
-            layers = [nn.Linear(features, units), _activation(act, act_slope)]
-            label = f"{features}->{units}"
-            if p > 0:
-                layers.append(nn.Dropout(p))
-                label += f", dropout {p:g}"
-            hidden.append(LinearBlock(layers, label))
-            features = units
-        hidden.append(nn.Linear(features, num_classes))
-        self.classifier = nn.Sequential(*hidden)
-
-    @staticmethod
-    def _conv_spec(where: str, item: Any) -> dict[str, Any]:
-        if isinstance(item, Mapping):
-            _unknown(where, item, CONV_KEYS)
-            if "ch" not in item:
-                raise UserError(f"{where}: missing 'ch' (the number of output channels)")
-            spec = dict(item)
-        else:
-            spec = {"ch": item}
-        ch = spec["ch"]
-        if not _is_int(ch) or ch < 1:
-            raise UserError(f"{where}: {ch!r} channels; channels must be an integer >= 1")
-        return spec
+        hidden, features = _hidden_layers(fc, channels * h * w, fc_dropout, act, act_slope)
+        self.classifier = nn.Sequential(nn.Flatten(), *hidden, nn.Linear(features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))

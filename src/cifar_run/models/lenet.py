@@ -16,8 +16,8 @@ class LeNet5(nn.Module):
         # Pooling before the ReLU: the two commute, relu(max(a)) == max(relu(a)), with the same
         # gradients bit for bit (the same element wins where the maximum is positive, and
         # elsewhere the gradient is zero either way), and the ReLU then touches a quarter of
-        # the values: a CPU training step 1.07-1.10x faster (docs/benchmarks.md, "Max pool
-        # before the ReLU"). The state dict is the same as in the usual order.
+        # the values, which shortens a CPU training step (docs/speed.md). The state dict is
+        # the same as in the usual order.
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5),
             nn.MaxPool2d(2),

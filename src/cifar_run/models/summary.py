@@ -103,15 +103,11 @@ def _group_name(first: str, last: str) -> str:
     return f"{first}..{last}"
 
 
-def layer_summary(
-    model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), max_lines: int = 30
-) -> str:
-    """A table of the model's layers with output shapes and FLOPs for a ``input_shape`` input.
-
-    Runs one forward pass without gradients in eval mode (the model's mode is restored) on
-    the device of the model's parameters. At most ``max_lines`` lines.
-    """
-    layers = _rows(model)
+def _trace(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], input_shape: Sequence[int]
+) -> tuple[dict[str, str], FlopCounterMode, object]:
+    """The forward pass of `layer_summary`: each layer's output shape, the FLOP counter and
+    the model's output."""
     shapes: dict[str, str] = {}
     hooks = []
     for name, module in layers:
@@ -133,26 +129,12 @@ def layer_summary(
         model.train(was_training)
         for h in hooks:
             h.remove()
+    return shapes, counter, output
 
-    # FlopCounterMode names modules by the root's class name, then their path.
-    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    root = type(model).__name__
-    rows: list[_Row] = []
-    for name, module in layers:
-        row = _Row(
-            name,
-            _describe(module),
-            shapes.get(name, "-"),
-            sum(p.numel() for p in module.parameters()),
-            flops.get(f"{root}.{name}", 0) if name != root else counter.get_total_flops(),
-        )
-        prev = rows[-1] if rows else None
-        if prev and (prev.what, prev.shape, prev.params) == (row.what, row.shape, row.params):
-            prev.count += 1
-            prev.last = name
-        else:
-            rows.append(row)
 
+def _table(rows: list[_Row], max_lines: int) -> list[str]:
+    """The rows as aligned text lines (a collapsed run of rows with its count); at most
+    `max_lines` - 1 lines, the last saying how many rows were left out."""
     table = [("layer", "type", "output", "params", "FLOPs")]
     for r in rows:
         if r.count == 1:
@@ -179,6 +161,40 @@ def layer_summary(
     ]
     if hidden:
         lines.append(f"... {hidden} more rows")
+    return lines
+
+
+def layer_summary(
+    model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), max_lines: int = 30
+) -> str:
+    """A table of the model's layers with output shapes and FLOPs for a ``input_shape`` input.
+
+    Runs one forward pass without gradients in eval mode (the model's mode is restored) on
+    the device of the model's parameters. At most ``max_lines`` lines.
+    """
+    layers = _rows(model)
+    shapes, counter, output = _trace(model, layers, input_shape)
+
+    # FlopCounterMode names modules by the root's class name, then their path.
+    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    rows: list[_Row] = []
+    for name, module in layers:
+        row = _Row(
+            name,
+            _describe(module),
+            shapes.get(name, "-"),
+            sum(p.numel() for p in module.parameters()),
+            flops.get(f"{root}.{name}", 0) if name != root else counter.get_total_flops(),
+        )
+        prev = rows[-1] if rows else None
+        if prev and (prev.what, prev.shape, prev.params) == (row.what, row.shape, row.params):
+            prev.count += 1
+            prev.last = name
+        else:
+            rows.append(row)
+
+    lines = _table(rows, max_lines)
     total = sum(p.numel() for p in model.parameters())
     size = "x".join(str(d) for d in input_shape[1:])
     lines.append(

@@ -16,7 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cifar_run.outputs import sweep
-from cifar_run.outputs.summary import load_runs, summarize, write_summary
+from cifar_run.outputs.run_folders import load_runs
+from cifar_run.outputs.summary import summarize, write_summary
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A sweep must survive its jobs: a bad value, a NaN loss or a crash marks that job `failed` in its
 results.json and the launcher moves on; the summary callback (callbacks.py) lists the failure and
 sets the exit status. Rerunning the same command into the same sweep folder skips every job whose
-results.json says `completed`, so an interrupted sweep picks up where it stopped (cli.preflight
+results.json says `completed`, so an interrupted sweep picks up where it stopped (preflight.py
 has refused the rerun already if such a job's config.yaml differs from this command's).
 """
 

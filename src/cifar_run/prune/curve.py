@@ -12,13 +12,13 @@ from torch import nn
 
 from cifar_run.engine.loop import LoopData
 from cifar_run.prune.masks import (
-    PruningSettings,
     fully_pruned_layers,
     global_sparsity,
     prunable_parameters,
     prune_copy,
     sparsity_table,
 )
+from cifar_run.prune.settings import PruningSettings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_run.engine.ema import step_function, weight_average
+from cifar_run.engine.ema import WeightAverage, step_function, weight_average
 from cifar_run.engine.loop import LoopData, LoopState, NonFiniteLoss, Plan, fit
 from cifar_run.engine.precision import loss_scaler
 from cifar_run.errors import TrainingDiverged
@@ -58,39 +58,14 @@ def finetune(
         average = weight_average(model, ema)
     state = LoopState()
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler is not None and resume.get("scaler") is not None:
-            scaler.load_state_dict(resume["scaler"])
-        best = resume["best"]
-        state = LoopState(
-            epoch=int(resume["epoch"]),
-            history=[dict(r) for r in resume["rows"]],
-            best_acc=float(best["acc"]),
-            best_epoch=int(best["epoch"]),
-            best_state=best["state"],
-        )
-        if average is not None and resume.get("ema") is not None:
-            average.load_state_dict(resume["ema"])
+        state = _restore(resume, optimizer, scaler, average)
 
     def label(epoch: int) -> str:
         return f"fine-tune {epoch}/{epochs}" + (f" (step {step}/{steps})" if steps > 1 else "")
 
     def on_epoch(state: LoopState) -> None:
         if save is not None:
-            save(
-                {
-                    "epoch": state.epoch,
-                    "rows": state.history,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "ema": None if average is None else average.state_dict(),
-                    "best": {
-                        "acc": state.best_acc,
-                        "epoch": state.best_epoch,
-                        "state": state.best_state,
-                    },
-                }
-            )
+            save(_resume_point(state, optimizer, scaler, average))
 
     plan = Plan(
         epochs=epochs,
@@ -124,3 +99,45 @@ def finetune(
     if average is not None:  # the next pruning step starts from the weights validated
         model.load_state_dict(average.module.state_dict())
     return state.history, state.history[-1]["val_acc"] if state.history else math.nan
+
+
+def _resume_point(
+    state: LoopState, optimizer: torch.optim.Optimizer, scaler: Any, average: WeightAverage | None
+) -> dict[str, Any]:
+    """What `_restore` takes to continue after the epoch `state` has ended."""
+    return {
+        "epoch": state.epoch,
+        "rows": state.history,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": None if average is None else average.state_dict(),
+        "best": {
+            "acc": state.best_acc,
+            "epoch": state.best_epoch,
+            "state": state.best_state,
+        },
+    }
+
+
+def _restore(
+    resume: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    average: WeightAverage | None,
+) -> LoopState:
+    """Load a `_resume_point` into the freshly built optimizer, scaler and average; return
+    the loop state to continue from."""
+    optimizer.load_state_dict(resume["optimizer"])
+    if scaler is not None and resume.get("scaler") is not None:
+        scaler.load_state_dict(resume["scaler"])
+    best = resume["best"]
+    state = LoopState(
+        epoch=int(resume["epoch"]),
+        history=[dict(r) for r in resume["rows"]],
+        best_acc=float(best["acc"]),
+        best_epoch=int(best["epoch"]),
+        best_state=best["state"],
+    )
+    if average is not None and resume.get("ema") is not None:
+        average.load_state_dict(resume["ema"])
+    return state

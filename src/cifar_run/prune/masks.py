@@ -1,8 +1,8 @@
-"""Global L1 magnitude pruning (issue 5, after report 000): pure functions on ``nn.Module``.
+"""Global L1 magnitude pruning (as report 000 prunes): pure functions on ``nn.Module``.
 
-The masks come from ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``,
-as report 000 used: the weights with the smallest absolute value across *all* selected
-Conv2d/Linear weights are zeroed (one global threshold, not one per layer).
+The masks come from ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``:
+the weights with the smallest absolute value across *all* selected Conv2d/Linear weights are
+zeroed (one global threshold, not one per layer).
 
 No Hydra here and no file I/O; the run wires these into its train/eval loop.
 
@@ -34,13 +34,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from cifar_run.errors import UserError
-from cifar_run.prune.settings import PruningSettings, validate_pruning
 
 ParamList = list[tuple[nn.Module, str]]
 
-# Validation lives in a torch-free module so the CLI can check input without importing torch.
 __all__ = [
-    "PruningSettings",
     "apply_global_l1",
     "checkpoint_sizes",
     "effective_weight",
@@ -52,7 +49,6 @@ __all__ = [
     "sparsity_table",
     "step_targets",
     "target_count",
-    "validate_pruning",
 ]
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
-"""Checking `prune` and the `pruning` config group (issue 5); no torch import here.
-
-`cifar_run.prune.masks` re-exports these; the CLI imports this module directly so that a bad
-value fails in a fraction of a second.
+"""Checking `prune` and the `pruning` config group; no torch import here, so that the CLI's
+checks of a command line fail fast on a bad value, before torch loads.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cifar_run.config.values import is_int
 from cifar_run.errors import UserError
 
 PRUNING_KEYS = (
@@ -59,10 +58,6 @@ def _is_fraction(value: Any) -> bool:
     return math.isfinite(value) and 0.0 <= value < 1.0
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> PruningSettings:
     """Check the top-level ``prune`` and the ``pruning`` group; UserError on the first bad key.
 
@@ -84,7 +79,7 @@ def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> Pruni
         )
 
     finetune_epochs = cfg.get("finetune_epochs", defaults.finetune_epochs)
-    if not _is_int(finetune_epochs) or finetune_epochs < 0:
+    if not is_int(finetune_epochs) or finetune_epochs < 0:
         raise UserError(
             f"pruning.finetune_epochs={_show(finetune_epochs)}: must be an integer >= 0"
         )
@@ -102,7 +97,7 @@ def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> Pruni
         )
 
     steps = cfg.get("steps", defaults.steps)
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise UserError(f"pruning.steps={_show(steps)}: must be an integer >= 1")
 
     curve = cfg.get("curve", defaults.curve)
@@ -119,7 +114,7 @@ def validate_pruning(prune: Any, pruning_cfg: Mapping[str, Any] | None) -> Pruni
             )
 
     early_stop = cfg.get("early_stop", defaults.early_stop)
-    if early_stop is not None and (not _is_int(early_stop) or early_stop < 1):
+    if early_stop is not None and (not is_int(early_stop) or early_stop < 1):
         raise UserError(
             f"pruning.early_stop={_show(early_stop)}: must be a positive integer, or null "
             "(fine-tune all pruning.finetune_epochs)"

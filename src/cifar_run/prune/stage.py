@@ -27,7 +27,6 @@ from cifar_run.prune.curve import counts, warn_fully_pruned
 from cifar_run.prune.finetune import OptimizerFactory, finetune
 from cifar_run.prune.masks import (
     ParamList,
-    PruningSettings,
     apply_global_l1,
     attach_masks,
     checkpoint_sizes,
@@ -38,6 +37,7 @@ from cifar_run.prune.masks import (
     sparsity_table,
     step_targets,
 )
+from cifar_run.prune.settings import PruningSettings
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,7 @@ def run_pruning(
     results: dict[str, Any] = {}
     resume_step = 0
     if resume is not None:
-        attach_masks(params)  # all ones: their values come with the state dict
-        model.load_state_dict(resume["model"])
-        history = [dict(r) for r in resume["history"]]
-        results = dict(resume["results"])
-        resume_step = int(resume["step"])
-        log.info("pruning stage: resuming at step %d of %d", resume_step, len(targets))
+        history, results, resume_step = _restore(model, params, resume, len(targets))
 
     def checkpoint(step: int, finetune: dict[str, Any] | None) -> None:
         if save is not None:
@@ -153,21 +148,41 @@ def run_pruning(
 
     pruned = _make_permanent(model, params, settings, total_params, dense_size, out_dir, history)
     results.update(pruned)
-    results.update(
-        {
-            "dense_sparsity": dense["sparsity"],
-            "dense_nonzero_params": dense["nonzero_params"],
-            "dense_ckpt_bytes": dense_size["bytes"],
-            "dense_ckpt_gzip_bytes": dense_size["gzip_bytes"],
-            "pruning_include_classifier": settings.include_classifier,
-            "pruning_steps": settings.steps,
-            "finetune_epochs": settings.finetune_epochs,
-            "finetune_lr": finetune_lr if settings.finetune_epochs > 0 else None,
-            "finetune_early_stop": settings.early_stop if settings.finetune_epochs > 0 else None,
-            "prune_seconds": time.perf_counter() - t_stage,
-        }
-    )
+    results.update(_dense_and_settings(dense, dense_size, settings, finetune_lr))
+    results["prune_seconds"] = time.perf_counter() - t_stage
     return results
+
+
+def _dense_and_settings(
+    dense: dict[str, Any],
+    dense_size: dict[str, int],
+    settings: PruningSettings,
+    finetune_lr: float,
+) -> dict[str, Any]:
+    """The results keys of the dense model the stage started from, and of its settings."""
+    finetunes = settings.finetune_epochs > 0
+    return {
+        "dense_sparsity": dense["sparsity"],
+        "dense_nonzero_params": dense["nonzero_params"],
+        "dense_ckpt_bytes": dense_size["bytes"],
+        "dense_ckpt_gzip_bytes": dense_size["gzip_bytes"],
+        "pruning_include_classifier": settings.include_classifier,
+        "pruning_steps": settings.steps,
+        "finetune_epochs": settings.finetune_epochs,
+        "finetune_lr": finetune_lr if finetunes else None,
+        "finetune_early_stop": settings.early_stop if finetunes else None,
+    }
+
+
+def _restore(
+    model: nn.Module, params: ParamList, resume: Mapping[str, Any], steps: int
+) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """Load a resume point into `model`: (the rows so far, the results so far, its step)."""
+    attach_masks(params)  # all ones: their values come with the state dict
+    model.load_state_dict(resume["model"])
+    step = int(resume["step"])
+    log.info("pruning stage: resuming at step %d of %d", step, steps)
+    return [dict(r) for r in resume["history"]], dict(resume["results"]), step
 
 
 def _evaluate_step(

@@ -2,23 +2,22 @@
 
 On the CPU, oneDNN's convolution kernels are slow when the feature map is small and the
 channels many: for ResNet-18's 4x4 layers (512 channels, batch 128, bf16) the weight
-gradient ran at about 90 GFLOP/s, a seventh of the same machine's matrix-multiply rate, and
-took a third of the whole training step; forward and input gradient ran at about 280
-(docs/benchmarks.md, "Speed settings"). As matrix multiplies they take a fifth (weight
-gradient) and three fifths (the others) of the time:
+gradient runs far below the machine's matrix-multiply rate and takes a large share of the
+whole training step, forward and input gradient somewhat less so. As matrix multiplies they
+take a fraction of that time (docs/speed.md):
 
 - maps up to `MAX_TAP_PIXELS` output pixels (8x8): the weight gradient is one multiply per
   kernel tap (for tap (i, j): the output gradient as an (N*Ho*Wo, O) matrix times the input
   shifted by (i, j) as an (N*Ho*Wo, C) matrix); forward and input gradient stay oneDNN's,
-  which was faster there;
+  which is faster there;
 - maps up to `MAX_GEMM_PIXELS` output pixels (4x4): the whole convolution is one multiply
   with the unfolded input (im2col, N*Ho*Wo rows of kh*kw*C), and its gradients two more,
   the input gradient folded back tap by tap in fp32.
 
 `TapConv2d` is an `nn.Conv2d` with the same parameters and state dict; it takes these
-routes only where they were measured faster (CPU, bf16, at least `MIN_TAP_CHANNELS` input x
-output channels) and is a plain Conv2d elsewhere: on CUDA, in fp32 (where the two were
-even), without gradients.
+routes only where they pay off (CPU, bf16, at least `MIN_TAP_CHANNELS` input x output
+channels) and is a plain Conv2d elsewhere: on CUDA, in fp32 (where they gain nothing),
+without gradients.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from cifar_run.speed.module_swap import swap_classes
 
 MAX_TAP_PIXELS = 64  # output maps up to 8x8: weight gradient by taps
 MAX_GEMM_PIXELS = 16  # output maps up to 4x4: the whole convolution as matrix multiplies
-MIN_TAP_CHANNELS = 128 * 128  # in_channels * out_channels; 64 x 64 at 8x8 was faster in oneDNN
+MIN_TAP_CHANNELS = 128 * 128  # in_channels * out_channels; oneDNN is faster for 64 x 64 at 8x8
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:

@@ -1,12 +1,11 @@
 """A training batch's forward and backward as two halves, run side by side on two threads.
 
 On a 2-core CPU a small conv net such as LeNet-5 uses its second core poorly: each of its
-ops is a parallel region of tens to hundreds of microseconds, and under the passive OpenMP
-waits cifar-run sets, waking the second thread costs about as much as it saves. Two halves
-of the batch on two Python threads, each op on one core, keep both cores busy instead:
-torch releases the GIL inside every op, and autograd runs a CPU graph's backward on the
-thread that asks for it. A LeNet-5 step at batch 64 went from 4.9 to 4.2 ms
-(docs/benchmarks.md, "Batch halves on two threads").
+ops is a short parallel region, and under the passive OpenMP waits cifar-run sets, waking
+the second thread costs about as much as it saves. Two halves of the batch on two Python
+threads, each op on one core, keep both cores busy instead: torch releases the GIL inside
+every op, and autograd runs a CPU graph's backward on the thread that asks for it
+(docs/speed.md).
 
 The gradient is the whole batch's: each half's loss is weighted by its share of the batch,
 and the second half's gradients are added to the first's after both are done, in that fixed
@@ -21,8 +20,8 @@ through the mask to the unpruned weight after both are done, as autograd would t
 state: `suits` refuses other norm and dropout layers.
 
 For a model without BatchNorm or dropout, a helper process takes the second halves once it
-has started (cifar_run.speed.halves_process): the two threads' handoffs of the GIL cost a LeNet-5
-step more than the process's shared-memory exchange (5.1 against 3.9 ms).
+has started (cifar_run.speed.halves_process): the two threads' handoffs of the GIL cost a
+small net's step more than the process's shared-memory exchange.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from cifar_run.speed import halves_process as split_process
+from cifar_run.speed import halves_process
 from cifar_run.speed.half_piece import MaskedWeights, add_grad, piece
 from cifar_run.speed.halves_modules import RANDOM, Half, HalfStopped, Swap, for_halves
 from cifar_run.speed.interface import PLAIN, ForwardBackward
@@ -71,7 +70,7 @@ class BatchSplit:
     calling thread takes the first half with `threads - threads // 2` CPU threads, a helper
     thread the second with `threads // 2` (at least one each).
 
-    `processes`: once a model that suits (split_process.suits) has trained `process_after`
+    `processes`: once a model that suits (halves_process.suits) has trained `process_after`
     steps in halves, a helper process starts in the background and, when ready, takes the
     second halves in place of the helper thread (the same numbers, to the bit)."""
 
@@ -80,10 +79,10 @@ class BatchSplit:
     ) -> None:
         self.main_threads = max(1, threads - threads // 2)
         self.helper_threads = max(1, threads // 2)
-        self._processes = processes and split_process.available()
+        self._processes = processes and halves_process.available()
         self._process_after = process_after
         self._steps = 0  # in halves, of models that suit a helper process
-        self._process: split_process.HalfProcess | None = None
+        self._process: halves_process.HalfProcess | None = None
         # torch's CPU thread count is per thread: the helper sets its own once, here, before
         # anything runs beside it (setting it also resets a oneDNN cache). Setting a count
         # also changes torch's process-wide default, which a thread takes as its count when
@@ -100,20 +99,20 @@ class BatchSplit:
         torch.set_num_threads(here)
         # Prepared models, and whether each draws random numbers (dropout).
         self._draws: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-        # And whether each suits a helper process (split_process.suits).
+        # And whether each suits a helper process (halves_process.suits).
         self._process_suits: weakref.WeakKeyDictionary[nn.Module, bool] = (
             weakref.WeakKeyDictionary()
         )
 
     def prepare(self, model: nn.Module) -> bool:
         """Whether `model` can train in halves (`suits`); if so, its BatchNorm2d and
-        dropout modules get their split-step behaviour (split_modules.for_halves, in place;
-        outside a split step they behave as before)."""
+        dropout modules get their split-step behaviour (halves_modules.for_halves, in place;
+        outside a split step they behave as plain BatchNorm2d and dropout)."""
         if not suits(model):
             return False
         for_halves(model)
         self._draws[model] = any(isinstance(m, RANDOM) for m in model.modules())
-        self._process_suits[model] = split_process.suits(model)
+        self._process_suits[model] = halves_process.suits(model)
         return True
 
     @property
@@ -126,7 +125,7 @@ class BatchSplit:
         """Whether the helper process has taken a model's halves (and still holds one)."""
         return self._process is not None and self._process.loaded
 
-    def _helper_process(self, model: nn.Module) -> split_process.HalfProcess | None:
+    def _helper_process(self, model: nn.Module) -> halves_process.HalfProcess | None:
         """The helper process, if `model` may use it and it is ready; starts it once the
         model has trained enough steps."""
         if not (self._processes and self._process_suits[model]):
@@ -135,7 +134,7 @@ class BatchSplit:
             self._steps += 1
             if self._steps <= self._process_after:
                 return None
-            self._process = split_process.HalfProcess(self.helper_threads)
+            self._process = halves_process.HalfProcess(self.helper_threads)
         return self._process if self._process.ready else None
 
     @contextmanager
@@ -177,8 +176,8 @@ class BatchSplit:
 
         A step with the helper process leaves the calling thread at its share of the CPU
         threads (`main_threads`), for the rest of the training step and the next batch:
-        with every thread they woke a second OpenMP thread on the core the helper runs on
-        (a LeNet-5 step 3-6% slower). `epoch` sets the count back after the epoch."""
+        with every thread they would wake a second OpenMP thread on the core the helper runs
+        on, slowing both. `epoch` sets the count back after the epoch."""
         if model not in self._draws:
             raise ValueError("BatchSplit.forward_backward: prepare(model) first")
         n = x.shape[0]
@@ -214,9 +213,9 @@ class BatchSplit:
                 loss, out, loss2, out2, grads = _with_process(process, first, second, n)
             else:
                 loss, out, loss2, out2, grads = _with_thread(self._helper, first, second)
-            # On this thread's share of the threads: on every thread the add of LeNet-5's
-            # largest gradient (48,000 values, past torch's grain size) first woke the other
-            # thread, and its ten adds took 0.15 ms against 0.05 here.
+            # On this thread's share of the threads: on every thread the add of a gradient
+            # past torch's grain size (LeNet-5's largest) would first wake the other thread,
+            # which costs more than the add itself.
             # (The helper process's are views of its buffers, copied where kept.)
             for p, g in zip(wanted, grads, strict=True):
                 add_grad(p, g, copy=process is not None)
@@ -259,7 +258,7 @@ def _with_thread(helper: ThreadPoolExecutor, first: tuple, second: tuple) -> tup
 
 
 def _with_process(
-    process: split_process.HalfProcess, first: tuple, second: tuple, batch: int
+    process: halves_process.HalfProcess, first: tuple, second: tuple, batch: int
 ) -> tuple:
     """As _with_thread, with the second half in the helper process (which holds the model)."""
     _, _, x2, y2, _, autocast, _, _ = second
@@ -274,7 +273,7 @@ def _with_process(
         raise
     try:
         loss2, out2, grads = process.result()
-    except split_process.HelperGone as gone:
+    except halves_process.HelperGone as gone:
         # The same numbers on this thread; the split finds the helper gone from now on
         # (HalfProcess.ready) and gives the next halves to its helper thread.
         _log.warning("%s; the second halves go back to a helper thread", gone)
@@ -302,7 +301,7 @@ def _process_key(
     """What a helper process's copy of `model` depends on: the tensors it trains and their
     masks (pruning adds and replaces both: so does the end of pruning), the criterion and
     the layout of a second half (rows aside). Models there have no other buffers that
-    change (split_process.suits: no norm layers)."""
+    change (halves_process.suits: no norm layers)."""
     return (
         id(model),
         id(criterion),

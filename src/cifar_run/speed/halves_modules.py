@@ -111,7 +111,7 @@ class _WholeBatchNorm(torch.autograd.Function):
         rank: int,
     ) -> torch.Tensor:
         # torch's own per-channel statistics kernel (the one its BatchNorm uses; var_mean
-        # took 10x as long on channels_last batches). For bf16 or fp16 input (autocast) it
+        # is far slower on channels_last batches). For bf16 or fp16 input (autocast) it
         # returns them in that dtype unless given fp32 running buffers (left as they are, at
         # momentum 0), which make it take them in fp32, as BatchNorm itself does there.
         buffers = (None, None)

@@ -1,22 +1,21 @@
 """The second half of each training batch in a helper process (cifar_run.speed.halves).
 
-Two Python threads running the halves of a LeNet-5 step hand the interpreter lock back and
-forth at every op, and each switch also clears oneDNN's cached convolutions: a half took
-4.1-4.7 ms beside the other against 3.6 alone on the project's 2-vCPU AMX guest. A process
-has an interpreter of its own. Its model shares the calling process's parameters and buffers
-(shared memory, so every optimizer step is seen without a copy); each step the calling
-process copies the second half of the batch into shared buffers, raises a counter, trains its
-own half and spins until the helper's counter answers, then reads the helper's gradients,
-loss and outputs from shared buffers. The helper computes exactly what the helper thread
-would (`half_piece.piece` on one thread), so a step gives the same numbers, to the bit, in either
-form. Measurements: docs/benchmarks.md ("The second half in a helper process").
+Two Python threads running the halves of a small net's step hand the interpreter lock back
+and forth at every op, and each switch also clears oneDNN's cached convolutions, so a half
+runs slower beside the other than alone (docs/speed.md). A process has an interpreter of its
+own. Its model shares the calling process's parameters and buffers (shared memory, so every
+optimizer step is seen without a copy); each step the calling process copies the second half
+of the batch into shared buffers, raises a counter, trains its own half and spins until the
+helper's counter answers, then reads the helper's gradients, loss and outputs from shared
+buffers. The helper computes exactly what the helper thread would (`half_piece.piece` on one
+thread), so a step gives the same numbers, to the bit, in either form.
 
 Only for models without BatchNorm or random draws (their halves exchange values within the
-step: cifar_run.speed.halves_modules), on Linux on x86-64: the counters rely on x86's ordering of
-stores (a buffer written before the counter is seen before it), and the helper is started
-with the "spawn" method. The helper starts in the background, once a model has trained a few
-steps in halves (a short run never pays for its start); until it is ready the halves run on
-two threads, which give the same numbers.
+step: cifar_run.speed.halves_modules), on Linux on x86-64: the counters rely on x86's
+ordering of stores (a buffer written before the counter is seen before it), and the helper
+is started with the "spawn" method. The helper starts in the background, once a model has
+trained a few steps in halves (a short run never pays for its start); until it is ready the
+halves run on two threads, which give the same numbers.
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ IDLE_SECONDS = 1.0
 LONG_NAP_SECONDS = 0.01  # and after that (an evaluation, a checkpoint)
 LOAD_SECONDS = 120.0  # how long the calling process waits for the helper to take a model
 ALIVE_EVERY = 1 << 16  # spins between checks that the helper still runs
-# Spins (about 0.1 us each) after which a wait gives its core to any other runnable thread
-# at every spin: with more threads than cores (a busy machine, `threads` above the cores)
-# the helper may be waiting for this one.
+# Spins (each a fraction of a microsecond) after which a wait gives its core to any other
+# runnable thread at every spin: with more threads than cores (a busy machine, `threads`
+# above the cores) the helper may be waiting for this one.
 YIELD_AFTER = 1 << 14
 
 

@@ -1,17 +1,16 @@
 """The C heap's settings for training on the CPU: freed memory is kept for the next step.
 
 A CPU training step allocates and frees the same large activations every step (ResNet-18 at
-batch 128: 8-34 MB each in its first stage). glibc's malloc serves blocks above its mmap
+batch 128: several MB each in its first stage). glibc's malloc serves blocks above its mmap
 threshold with fresh mappings and gives them back on free, and hands freed memory at the top
 of a heap back to the kernel past its trim threshold: so every step the kernel maps and zeroes
-those pages again, one minor page fault per 4 KB. On the project's 2-vCPU AMX guest that was
-50,000-75,000 faults per ResNet-18 step, and the step ran 5-8% faster with the settings
-below (about 25,000 faults, most of them in the first step; docs/benchmarks.md, "The C heap
-kept between steps"). LeNet-5's tensors are too small to be affected.
+those pages again, one minor page fault per 4 KB page. Kept in the heap, the blocks are
+reused without faults, and a large net's step spends less time in the kernel (docs/speed.md).
+LeNet-5's tensors are too small to be affected.
 
-The cost: the process keeps its peak heap instead of returning memory between steps (peak
-resident memory 5% higher in that measurement). Only glibc on Linux has these knobs; an
-environment that sets glibc's own malloc variables keeps them.
+The cost: the process keeps its peak heap instead of returning memory between steps, so its
+peak resident memory is somewhat higher. Only glibc on Linux has these knobs; an environment
+that sets glibc's own malloc variables keeps them.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 an optimizer's steps and a model's small ops on one thread.
 
 Under the passive OpenMP waits cifar-run sets (cifar_run.constants), each parallel region
-first wakes the sleeping threads, about 65 us on this project's 2-vCPU guest: more than
-small ops take on one thread. The measurements are in docs/benchmarks.md ("Speed
-settings").
+first wakes the sleeping threads, which costs more than a small op takes on one thread
+(docs/speed.md).
 """
 
 from __future__ import annotations
@@ -56,11 +55,9 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     """Run `optimizer`'s steps on one CPU thread (hooks around each step; the other ops keep
     every thread). Returns whether the hooks were added (on the CPU, with several threads).
 
-    An optimizer step is one short parallel region per parameter tensor, and under the
-    passive OpenMP waits cifar-run sets each region wakes the sleeping threads first: about
-    65 us on this project's 2-vCPU guest, more than a 300,000-element add takes on one
-    thread. torch's fused SGD step took 0.52 ms on two threads and 0.04 on one for LeNet-5,
-    6.8 and 5.1 ms for ResNet-18 (docs/benchmarks.md, "Optimizer steps on one thread").
+    An optimizer step is one short parallel region per parameter tensor: waking the threads
+    for each costs more than sharing a typical tensor's update between them saves (module
+    doc).
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -84,14 +81,12 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
 
 
 # Elements under which an elementwise op (or a small matrix multiply) runs faster on one thread
-# than on two under passive waits: waking the second thread costs about 65 us on this
-# project's 2-vCPU guest, where a lerp of 320,000 floats took 68 us on one thread and 89 on
-# two, one of 640,000 168 and 140 (docs/benchmarks.md, "Small tensors of the average on one
-# thread").
+# than on two under passive waits: below it, waking the second thread costs more than it
+# saves (docs/speed.md).
 ONE_THREAD_BELOW = 1 << 19
 
-# Modules worth every thread however small their tensors: many multiply-adds per element
-# (LeNet-5's convolutions and pools at batch 64 ran 1.3-1.6x faster on two threads than on one).
+# Modules worth every thread however small their tensors: many multiply-adds per element, so
+# even LeNet-5's small convolutions and pools gain from a second thread (docs/speed.md).
 PARALLEL_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
@@ -102,18 +97,17 @@ def small_ops_on_one_thread(model: nn.Module, device: torch.device) -> bool:
     model with such modules).
 
     Hooks sit only where the count can change, on the convolutions and pools (a hook on
-    every module cost LeNet-5 3.6% of its step): before one, every thread; after it, the
-    count its output's size asks for, kept by the ops that follow it up to the next one. In
-    the backward pass, where its input or output is small, hooks on its autograd node do the
-    same: every thread for its own gradient, then the count of its input's size for the
-    gradients of the ops before it; elsewhere it keeps every thread (in CIFAR nets tensors
-    shrink only at convolutions and pools).
+    every module would cost a small net a noticeable share of its step): before one, every
+    thread; after it, the count its output's size asks for, kept by the ops that follow it
+    up to the next one. In the backward pass, where its input or output is small, hooks on
+    its autograd node do the same: every thread for its own gradient, then the count of its
+    input's size for the gradients of the ops before it; elsewhere it keeps every thread (in
+    CIFAR nets tensors shrink only at convolutions and pools).
 
-    In LeNet-5 at batch 64 everything but the convolutions and pools goes to one thread (a
-    step 1.1x faster: docs/benchmarks.md, "Small ops on one thread"); in ResNet-18 and
-    ResNet-20 at batch 128 only what follows the last pool. The count is the one of the time
-    the hooks are added; the last op run leaves its own count set, so callers that go on to
-    other work restore theirs.
+    In LeNet-5 at batch 64 everything but the convolutions and pools goes to one thread; in
+    ResNet-18 and ResNet-20 at batch 128 only what follows the last pool (docs/speed.md).
+    The count is the one of the time the hooks are added; the last op run leaves its own
+    count set, so callers that go on to other work restore theirs.
     """
     threads = torch.get_num_threads()
     parallel = [m for m in model.modules() if isinstance(m, PARALLEL_MODULES)]
@@ -136,8 +130,8 @@ def small_ops_on_one_thread(model: nn.Module, device: torch.device) -> bool:
     def after(module: nn.Module, args: tuple, out: object) -> None:
         following, preceding = for_size(out), for_size(args[0] if args else None)
         following()
-        # Node hooks only where the count changes: each costs tens of microseconds, and on
-        # every convolution they made ResNet-20 (nothing small but the classifier) 2% slower.
+        # Node hooks only where the count changes: each has a cost of its own, which a net
+        # with nothing small but the classifier (ResNet-20) would pay at every convolution.
         changes = to_one in (following, preceding)
         if changes and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             out.grad_fn.register_prehook(to_all)
