@@ -310,12 +310,13 @@ def test_bench_isolate_runs_each_arm_in_its_own_process_and_environment(tmp_path
         "bench.py", "--isolate", "--repeats", "1", "--arms", "auto,loop", *TINY, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    given = os.environ.get("OMP_WAIT_POLICY")
-    for arm, policy in (("auto", given or "PASSIVE"), ("loop", given or "unset")):
+    given = os.environ.get("GOMP_SPINCOUNT")
+    chosen = "OMP_WAIT_POLICY" in os.environ or given is not None
+    for arm, spins in (("auto", given if chosen else "10000"), ("loop", given or "unset")):
         line = re.search(rf"round 1 seed 0 {arm} *:.*test acc ([\d.]+)%.*", proc.stdout)
         assert line is not None, proc.stdout
         assert 0.0 <= float(line.group(1)) <= 100.0
-        assert f"[OMP_WAIT_POLICY={policy}," in line.group(0), line.group(0)
+        assert f"GOMP_SPINCOUNT={spins}]" in line.group(0), line.group(0)
     assert re.search(r"ratio auto/loop: median [\d.]+x", proc.stdout), proc.stdout
 
 

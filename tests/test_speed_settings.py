@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from cifar_run.engine.precision import resolve_precision
 from cifar_run.errors import UserError
+from cifar_run.models import build_model
 from cifar_run.models.lenet import LeNet5
 from cifar_run.run import run
 from cifar_run.speed.conv_grad import TapConv2d
-from cifar_run.speed.halves import BatchSplit
+from cifar_run.speed.halves import MIN_WEIGHT_REUSE, BatchSplit, weight_reuse
 from cifar_run.speed.settings import AUTO, PLAIN_SETTINGS, SpeedSettings
-from cifar_run.speed.setup import speed_setup
+from cifar_run.speed.setup import batch_split, speed_setup
 
 from .conftest import TINY, compose_cfg, run_cli
 
@@ -86,3 +88,27 @@ def test_a_plain_run_trains_whole_batches_and_says_so(tmp_path: Path, two_thread
     assert results["status"] == "completed"
     assert results["speed"] == "plain" and results["batch_halves"] is False
     assert json.loads((tmp_path / "results.json").read_text())["speed"] == "plain"
+
+
+def test_halves_skip_nets_whose_weights_meet_few_pixels(two_threads: None) -> None:
+    # torchvision's ResNet-18 on 32x32 images: 3.3 multiply-adds per weight per image.
+    tv = build_model(compose_cfg(["model=resnet18_tv"]).model)
+    assert weight_reuse(tv) < MIN_WEIGHT_REUSE <= weight_reuse(LeNet5())
+    fp32 = resolve_precision("fp32", CPU)
+    assert batch_split(tv, CPU, fp32) is None
+    split = batch_split(LeNet5(), CPU, fp32)
+    assert isinstance(split, BatchSplit)
+    split.close()
+
+
+def test_weight_reuse_leaves_the_model_as_it_was() -> None:
+    model = build_model(compose_cfg(["model=resnet20"]).model)
+    model.train()
+    next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # mixed modes
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert weight_reuse(model) > 100  # 32x32 to 8x8 maps: every weight meets many pixels
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(rng, torch.get_rng_state())

@@ -36,18 +36,21 @@ MIX_MODES = ("none", "mixup", "cutmix", "mixup_cutmix")
 # `tta` values: test-time augmentation of every evaluation (validation, test, pruning stage).
 TTA_MODES = ("none", "flip")
 
-# OpenMP threads that wait for work by spinning are fast on an idle machine and ruinous on a
-# busy one: a waiting thread spins on a core another process needs while the thread it waits
-# for is descheduled. On a shared machine with few cores, passive waits lose a little when
-# it is idle and save many times that when it is busy (docs/speed.md). libgomp reads this
-# once, when torch is first imported, so entry points set it (unless the environment already
-# does) before that; a GOMP_SPINCOUNT in the environment overrides it (the opt-in the README
-# gives for machines of one's own).
-OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# How long an OpenMP thread that has run out of work spins before it sleeps. libgomp's default
+# (300,000 spins) is fast on an idle machine and ruinous on a busy one: a waiting thread spins
+# on a core another process needs while the thread it waits for is descheduled. Never
+# spinning (OMP_WAIT_POLICY=PASSIVE) instead pays a sleep and a wake-up between every two
+# parallel ops, which leaves the cores idle in nets of many small ops. A short spin covers the
+# gap between back-to-back ops and gives the core up soon after (docs/speed.md). libgomp reads
+# this once, when torch is first imported, so entry points set it before that, unless the
+# environment already sets OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
+OPENMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def set_openmp_defaults() -> None:
     """OPENMP_ENV into the environment, where it does not say otherwise; call it before
     anything imports torch (cifar-run and the scripts that train as it does)."""
-    for key, value in OPENMP_ENV.items():
-        os.environ.setdefault(key, value)
+    if any(key in os.environ for key in OPENMP_KEYS):
+        return
+    os.environ.update(OPENMP_ENV)

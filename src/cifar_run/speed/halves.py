@@ -1,8 +1,8 @@
 """A training batch's forward and backward as two halves, run side by side on two threads.
 
 On a 2-core CPU a small conv net such as LeNet-5 uses its second core poorly: each of its
-ops is a short parallel region, and under the passive OpenMP waits cifar-run sets, waking
-the second thread costs about as much as it saves. Two halves of the batch on two Python
+ops is a short parallel region, and waking the second thread for it costs about as much as
+it saves. Two halves of the batch on two Python
 threads, each op on one core, keep both cores busy instead: torch releases the GIL inside
 every op, and autograd runs a CPU graph's backward on the thread that asks for it
 (docs/speed.md).
@@ -27,6 +27,7 @@ small net's step more than the process's shared-memory exchange.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -59,6 +60,45 @@ def suits(model: nn.Module) -> bool:
             if not isinstance(module, nn.Dropout | nn.Dropout2d):
                 return False
     return True
+
+
+# Multiply-adds per weight per image under which halves do not pay: each half computes every
+# weight's gradient from half the rows, and a net whose weights meet few output pixels
+# (torchvision's ResNet-18 on 32x32 images, its maps 8x8 down to 1x1) spends its step on
+# those gradients rather than on its activations, so the halves add work instead of sharing
+# it (docs/speed.md).
+MIN_WEIGHT_REUSE = 8.0
+
+
+def weight_reuse(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> float:
+    """Multiply-adds per weight per image in `model`'s convolutions and linear layers: the
+    mean, over their weights, of the output pixels each weight is applied at. Measured with
+    one forward pass of a blank image in eval mode (no statistics, no random draws)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if not layers:
+        return math.inf
+    seen: list[tuple[int, int]] = []
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        pixels = out.shape[2] * out.shape[3] if isinstance(module, nn.Conv2d) else 1
+        seen.append((module.weight.numel(), pixels))
+
+    modes = [(m, m.training) for m in model.modules()]
+    hooks = [m.register_forward_hook(record) for m in layers]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    except (RuntimeError, ValueError, TypeError):
+        return math.inf  # not an image classifier of this shape: leave the choice to `suits`
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes:
+            module.training = training
+    weights = sum(w for w, _ in seen)
+    return sum(w * p for w, p in seen) / weights if weights else math.inf
 
 
 # Steps in halves before a helper process starts: a shorter run never pays for its start.

@@ -16,7 +16,13 @@ from torch import nn
 
 from cifar_run.engine.precision import Precision, resolve_precision
 from cifar_run.speed.conv_grad import use_tap_weight_grads
-from cifar_run.speed.halves import PROCESS_AFTER, BatchSplit, suits
+from cifar_run.speed.halves import (
+    MIN_WEIGHT_REUSE,
+    PROCESS_AFTER,
+    BatchSplit,
+    suits,
+    weight_reuse,
+)
 from cifar_run.speed.heap import keep_freed_memory
 from cifar_run.speed.interface import PLAIN, ForwardBackward
 from cifar_run.speed.settings import AUTO, SpeedSettings
@@ -36,16 +42,18 @@ def batch_split(
     compile: bool = False,
     processes: bool = True,
     process_after: int = PROCESS_AFTER,
+    image_shape: tuple[int, ...] = (3, 32, 32),
 ) -> BatchSplit | None:
     """Halves of each training batch on two threads (cifar_run.speed.halves) where they
-    suit: on the CPU with several threads, for a model `halves.suits`, without a loss scaler
+    suit: on the CPU with several threads, for a model `halves.suits` whose weights meet
+    enough output pixels (`halves.weight_reuse` on `image_shape`), without a loss scaler
     (fp16) and not under compile (dynamo and threads). `processes`, `process_after`: the
     second halves of a model without BatchNorm or dropout go to a helper process after that
     many steps."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or compile or precision.dtype == torch.float16:
         return None
-    if not suits(model):
+    if not suits(model) or weight_reuse(model, image_shape) < MIN_WEIGHT_REUSE:
         return None
     return BatchSplit(threads, processes=processes, process_after=process_after)
 

@@ -1,9 +1,9 @@
 """CPU thread counts: the process's setting, a count for a block of code, and hooks that run
 an optimizer's steps and a model's small ops on one thread.
 
-Under the passive OpenMP waits cifar-run sets (cifar_run.constants), each parallel region
-first wakes the sleeping threads, which costs more than a small op takes on one thread
-(docs/speed.md).
+Under the short OpenMP spin cifar-run sets (cifar_run.constants), a parallel region that
+follows a pause first wakes the sleeping threads, which costs more than a small op takes on
+one thread (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def one_thread_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> 
 
 
 # Elements under which an elementwise op (or a small matrix multiply) runs faster on one thread
-# than on two under passive waits: below it, waking the second thread costs more than it
-# saves (docs/speed.md).
+# than on two when the second thread sleeps between ops: below it, waking that thread costs
+# more than it saves (docs/speed.md).
 ONE_THREAD_BELOW = 1 << 19
 
 # Modules worth every thread however small their tensors: many multiply-adds per element, so
