@@ -25,9 +25,9 @@ auto/plain, auto/loop and plain/loop, and the test accuracy of each arm after th
 With --isolate every round of each arm runs in a fresh process under its own default
 OpenMP settings: auto and plain with the short spin cifar-run sets (unless the environment
 sets OMP_WAIT_POLICY or GOMP_SPINCOUNT), the loop with the environment as given, i.e.
-libgomp's long spinning waits, as a user's own script runs. Without it all arms share this process and
-cifar-run's setting, which is kinder to the loop (its DataLoader workers and spinning
-threads oversubscribe the cores).
+libgomp's long spinning waits, as a user's own script runs. Without it all arms share this
+process and cifar-run's setting, which is kinder to the loop (its DataLoader workers and
+spinning threads oversubscribe the cores).
 
 The CPU is the default; `device=cuda` runs every arm on the GPU: cifar-run with the data
 resident there, the loop moving each batch from its DataLoader with `.to(device)`. Each

@@ -5,7 +5,7 @@ Each model runs scripts/bench.py in its own process (with --isolate unless --no-
 so one model's threads, heap and helper processes never touch the next one's timing.
 Extra arguments are passed to every bench.py call as cifar-run overrides, e.g. the data:
 
-    PYTHONPATH=src python scripts/bench_models.py --repeats 3 --max-steps 40 \\
+    PYTHONPATH=src python scripts/bench_models.py --repeats 2 --images 2560 \\
         data=imagefolder data.root=../shared/data/cifar10-jpeg
 """
 
@@ -43,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("overrides", nargs="*", help="cifar-run overrides for every model")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model (default 3)")
-    parser.add_argument("--max-steps", type=int, default=40, help="steps per round (default 40)")
+    parser.add_argument(
+        "--images", type=int, default=2560, help="images per round (at least 10 steps; 2560)"
+    )
     parser.add_argument("--models", default="", help="comma-separated subset of conf/model/")
     parser.add_argument("--no-isolate", action="store_true", help="arms share one process")
     return parser.parse_args()
@@ -56,7 +58,7 @@ def bench(model: str, args: argparse.Namespace) -> str:
         "--repeats",
         str(args.repeats),
         "--max-steps",
-        str(args.max_steps),
+        str(max(10, args.images // BATCH.get(model, 64))),
         *([] if args.no_isolate else ["--isolate"]),
         f"model={model}",
         f"batch_size={BATCH.get(model, 64)}",
