@@ -18,7 +18,7 @@ plus at most 64 MiB of carried paths; ../shared beside the checkout does not tra
           --budget seconds, logging each to $OUT/<name>.log with a summary at the end
           ($OUT/summary.txt). A check that would not fit in what is left is skipped.
 
-Checks (docs/benchmarks.md, "GPU" and "Next, on a GPU"), in order of what matters most:
+Checks (docs/benchmarks.md, "GPU"), in order of what matters most:
   env       nvidia-smi and torch's view of the GPU
   fast      scripts/bench_fast.py --runs 5 (experiment=fast, 24 epochs) on the images
   airbench  scripts/bench_airbench.py --runs 5, if airbench is importable (pack --airbench)

@@ -26,7 +26,8 @@ def summary_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.d
         f"ema {cfg.get('ema')}",
         f"sched: {cfg.sched.name}",
         f"init: {cfg.get('ckpt_path') or 'random (seed)'}",
-        f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}",
+        f"device: {device}, seed {cfg.seed}, precision {cfg.precision}, tta {cfg.tta}, "
+        f"speed {cfg.speed.name if cfg.get('speed') is not None else 'auto'}",
     ]
     settings = validate_pruning(cfg.prune, cfg.pruning)
     if settings.enabled:

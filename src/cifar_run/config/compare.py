@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 # `device` is compared by kind (cpu / cuda) in `engine.resume.check_config`, not by spelling:
 # `auto`, `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
 IGNORED_KEYS = (
+    "speed.keep_heap",  # where freed memory goes, and which process computes a half: the
+    "speed.helper_process",  # same numbers either way
     "resume",
     "dry_run",
     "keep_state",
@@ -30,7 +32,23 @@ IGNORED_KEYS = (
 
 # Keys a saved config may lack whose default is not null: at that default they change
 # nothing, so a saved config without the key and a current one with it compare as equal.
-LATER_DEFAULTS = {"mix.name": "none", "optim.decay_norm_and_bias": True}
+LATER_DEFAULTS = {
+    "mix.name": "none",
+    "optim.decay_norm_and_bias": True,
+    # The speed group came later; a run saved without it trained as `speed=auto` does.
+    "speed.name": "auto",
+    **{
+        f"speed.{key}": True
+        for key in (
+            "channels_last",
+            "conv_grads",
+            "batch_halves",
+            "helper_process",
+            "op_threads",
+            "keep_heap",
+        )
+    },
+}
 
 # Keys naming a folder or file, relative to the working directory of the command that set them.
 PATH_KEYS = ("data.root", "ckpt_path")

@@ -73,7 +73,7 @@ def prunable_parameters(model: nn.Module, include_classifier: bool = True) -> Pa
             layers = [m for m in layers if m is not last]
     if not layers:
         raise UserError(
-            "pruning.layers: selects no Conv2d/Linear weight "
+            "pruning.include_classifier: selects no Conv2d/Linear weight "
             f"(model {type(model).__name__}, pruning.include_classifier={include_classifier})"
         )
     return [(m, "weight") for m in layers]
