@@ -110,7 +110,7 @@ def parse_args() -> argparse.Namespace:
         "--arms",
         default=",".join(ARMS),
         help=f"comma-separated arms to run, of {', '.join(ARMS)} (default all), or no-KEY: "
-        "auto with speed.KEY=false, e.g. no-batch_halves",
+        "auto with speed.KEY=false, e.g. no-conv_grads",
     )
     parser.add_argument(
         "--flops", action="store_true", help="FLOPs per image, matmul ceiling, achieved FLOP/s"
@@ -163,8 +163,7 @@ class ArmResult:
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children (the
-    DataLoader workers, which exit at the end of each epoch, and the helper process of
-    batch halves, closed at the end of an arm)."""
+    DataLoader workers, which exit at the end of each epoch)."""
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -247,7 +246,6 @@ def _train_cifar_run(
     device, model, optimizer = t.device, t.model, t.optimizer
     schedule, criterion = t.schedule, t.criterion
     speed = speed_setup(model, device, cfg.precision, cfg.compile, settings)
-    speed.optimizer(optimizer)
     net, precision, scaler = speed.net, speed.precision, speed.scaler
     mean, std = normalization(cfg.augment.normalize, splits.train.images)
     norm = {
@@ -255,7 +253,6 @@ def _train_cifar_run(
         "mean": mean,
         "std": std,
         "memory_format": speed.memory_format,
-        "batch_threads": speed.batch_threads(),
     }
     train = DeviceLoader(
         splits.train,
@@ -284,7 +281,6 @@ def _train_cifar_run(
         schedule.step_epoch({"val_loss": math.nan, "val_acc": math.nan})
         rates.append(stats.images / stats.seconds)
         images, seconds, loss = images + stats.images, seconds + stats.seconds, stats.loss
-    speed.close()  # a helper process's CPU time counts once it has exited
     cpu = cpu_seconds() - cpu
     acc = math.nan
     if max_steps is None:

@@ -2,7 +2,7 @@
 against the plain PyTorch loop, as one Markdown table (docs/benchmarks.md).
 
 Each model runs scripts/bench.py in its own process (with --isolate unless --no-isolate),
-so one model's threads, heap and helper processes never touch the next one's timing.
+so one model's threads and heap never touch the next one's timing.
 Extra arguments are passed to every bench.py call as cifar-run overrides, e.g. the data:
 
     PYTHONPATH=src python scripts/bench_models.py --repeats 2 --images 2560 \\

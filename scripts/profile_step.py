@@ -60,7 +60,6 @@ def main() -> None:
     speed = speed_setup(
         model, device, cfg.precision, cfg.compile, SpeedSettings.from_config(cfg.speed)
     )
-    speed.optimizer(optimizer)
     n = cfg.batch_size * args.steps
     # Random pixels: the step's cost does not depend on what the images show.
     split = ArraySplit(

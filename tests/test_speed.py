@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from cifar_run.config.checks import validate
@@ -199,79 +198,6 @@ def test_threads_key_sets_torch_threads() -> None:
         torch.set_num_threads(before)
 
 
-def test_optimizer_steps_run_on_one_thread_and_the_rest_keeps_every_thread(
-    two_threads: None,
-) -> None:
-    model = LeNet5()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    assert cores.one_thread_steps(optimizer, CPU)
-    seen: list[int] = []
-    optimizer.register_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
-    for _ in range(2):
-        model(torch.randn(4, 3, 32, 32)).sum().backward()
-        optimizer.step()
-        assert torch.get_num_threads() == 2  # forward and backward get both threads
-    assert seen == [1, 1]
-    # Nothing to gain elsewhere: CUDA's steps are kernels, one thread is one thread.
-    assert not cores.one_thread_steps(optimizer, torch.device("cuda"))
-    torch.set_num_threads(1)
-    assert not cores.one_thread_steps(torch.optim.SGD(model.parameters(), lr=0.1), CPU)
-
-
-class _ThreadsPerOp(TorchDispatchMode):
-    """Records (op name, input shape, CPU threads) for every aten op run under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, tuple[int, ...], int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
-        self.seen.append((func.__name__.split(".")[0], shape, torch.get_num_threads()))
-        return func(*args, **(kwargs or {}))
-
-
-def _threads_per_op(model: nn.Module, batch: int) -> list[tuple[str, tuple[int, ...], int]]:
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with _ThreadsPerOp() as ops:
-        nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long)).backward()
-    return ops.seen
-
-
-def test_small_ops_run_on_one_thread_and_convolutions_and_pools_on_every_thread(
-    two_threads: None,
-) -> None:
-    model = LeNet5()
-    assert cores.small_ops_on_one_thread(model, CPU)
-    # Batch 8: every tensor is small, so all but the convolutions and pools take one.
-    seen = _threads_per_op(model, 8)
-    heavy = {"convolution", "convolution_backward", "max_pool2d_with_indices"}
-    heavy.add("max_pool2d_with_indices_backward")
-    assert {t for op, _, t in seen if op in heavy} == {2}
-    assert {op for op, _, _ in seen} > heavy | {"relu_", "addmm", "mm", "threshold_backward"}
-    assert {t for op, _, t in seen if op not in heavy and op != "detach"} == {1}
-    # Batch 512: the first ReLU's 602,112 values keep both threads, the second's 204,800
-    # and the classifier go to one, forward and backward.
-    seen = _threads_per_op(model, 512)
-    relus = {(shape, t) for op, shape, t in seen if op in ("relu_", "threshold_backward")}
-    assert {r for r in relus if len(r[0]) == 4} == {((512, 6, 14, 14), 2), ((512, 16, 5, 5), 1)}
-    assert {t for op, _, t in seen if op in ("addmm", "mm")} == {1}
-    assert {t for op, _, t in seen if op in heavy} == {2}
-    # No hooks where they have nothing to do.
-    assert not cores.small_ops_on_one_thread(LeNet5(), torch.device("cuda"))
-    assert not cores.small_ops_on_one_thread(nn.Linear(3, 2), CPU)  # no conv or pool
-    torch.set_num_threads(1)
-    assert not cores.small_ops_on_one_thread(LeNet5(), CPU)
-
-
-def test_run_gives_back_the_thread_count_small_ops_change(two_threads: None) -> None:
-    # A run that keeps whole batches (fp16, for its grad scaler) and so the small-op hooks:
-    # the last op of its run (the test pass's classifier) runs on one thread.
-    results = run(compose_cfg([*TINY, "model=cnn", "precision=fp16"]), None)
-    assert results["status"] == "completed" and results["batch_halves"] is False
-    assert torch.get_num_threads() == 2
-
-
 def test_run_records_the_resolved_precision(tmp_path: Path) -> None:
     results = run(compose_cfg([*TINY, "precision=bf16"]), tmp_path / "run")
     assert results["status"] == "completed" and results["precision"] == "bf16"
@@ -331,7 +257,7 @@ def test_bench_script_runs_the_arms_asked_for(tmp_path: Path) -> None:
 
 def test_plain_auto_and_one_trick_off_train_lenet5_to_the_same_loss(tmp_path: Path) -> None:
     # speed=plain, speed=auto and auto without one trick differ in speed, and in rounding only.
-    arms = "auto,plain,no-batch_halves"
+    arms = "auto,plain,no-conv_grads"
     proc = run_script(
         "bench.py", "--repeats", "1", "--arms", arms, *TINY, "precision=fp32", cwd=tmp_path
     )
@@ -339,7 +265,7 @@ def test_plain_auto_and_one_trick_off_train_lenet5_to_the_same_loss(tmp_path: Pa
     losses = dict(re.findall(r"seed 0 ([\w-]+) *:.*train loss ([\d.]+)", proc.stdout))
     assert sorted(losses) == sorted(arms.split(",")), proc.stdout
     assert max(map(float, losses.values())) - min(map(float, losses.values())) < 1e-3
-    assert re.search(r"ratio auto/no-batch_halves: median [\d.]+x", proc.stdout), proc.stdout
+    assert re.search(r"ratio auto/no-conv_grads: median [\d.]+x", proc.stdout), proc.stdout
 
 
 def test_precision_check_compares_bf16_with_fp32(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     validate(cfg)
     settings = validate_pruning(cfg.prune, cfg.pruning)
     speed_settings = SpeedSettings.from_config(cfg.get("speed"))
-    threads = set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
+    set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     resume_from, done = _open_run_folder(cfg, out_dir, device)
@@ -97,10 +97,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         if resume_from is None:  # a resumed run keeps the record of how it was started
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
-    speed = None
     try:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
-        speed.optimizer(optimizer)
         job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings)
         results.update(_train(job, augment))
     except BaseException as exc:
@@ -108,10 +106,6 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.write_status(out_dir, {**results, "status": "failed", "error": message})
         raise
-    finally:
-        torch.set_num_threads(threads)  # the speed layer's hooks leave their own count
-        if speed is not None:
-            speed.close()
     return _complete(cfg, results, settings, out_dir)
 
 
@@ -204,7 +198,6 @@ def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
         "mean": mean,
         "std": std,
         "memory_format": speed.memory_format,
-        "batch_threads": speed.batch_threads(),
     }
     mix = build_mix(cfg.get("mix"), num_classes=len(splits.classes))
     train = DeviceLoader(
@@ -235,12 +228,11 @@ def _train(job: Job, augment: Any) -> dict[str, Any]:
     cfg = job.cfg
     splits = load_splits(cfg.data)
     log.info(
-        "precision %s, %d CPU threads, compile %s, speed: %s, batches in halves %s",
+        "precision %s, %d CPU threads, compile %s, speed: %s",
         job.speed.precision.name,
         torch.get_num_threads(),
         cfg.compile,
         job.speed.describe(),
-        job.speed.split is not None,
     )
     data, generators = _loop_data(job, splits, augment)
     loop = _train_epochs(job, data, generators)
@@ -355,7 +347,6 @@ def _test(job: Job, data: LoopData, loop: LoopState, classes: list[str]) -> dict
         "epochs_run": loop.epoch,
         "stopped_early": loop.epoch < cfg.epochs,
         "test_class_acc": class_acc,
-        "batch_halves": job.speed.split is not None,
     }
 
 
@@ -395,7 +386,7 @@ def _prune(job: Job, data: LoopData, generators: dict, dense: dict[str, Any]) ->
         )
 
     def make_optimizer(p: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return job.speed.optimizer(build_optimizer(cfg.optim, p, lr))
+        return build_optimizer(cfg.optim, p, lr)
 
     results.update(
         prune_stage.run_pruning(

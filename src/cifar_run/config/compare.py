@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 # `device` is compared by kind (cpu / cuda) in `engine.resume.check_config`, not by spelling:
 # `auto`, `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
 IGNORED_KEYS = (
-    "speed.keep_heap",  # where freed memory goes, and which process computes a half: the
-    "speed.helper_process",  # same numbers either way
+    "speed.keep_heap",  # where freed memory goes: the same numbers either way
     "resume",
     "dry_run",
     "keep_state",
@@ -42,9 +41,6 @@ LATER_DEFAULTS = {
         for key in (
             "channels_last",
             "conv_grads",
-            "batch_halves",
-            "helper_process",
-            "op_threads",
             "keep_heap",
         )
     },

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -20,8 +19,6 @@ class DeviceLoader:
     CPU generator, the same permutation `RandomSampler(generator=...)` draws.
     `memory_format=torch.channels_last` hands out NHWC batches (for conv nets). With `mix`,
     batches are mixed after normalization and the labels are (B, classes) probabilities.
-    `batch_threads(values)`: the context a batch of so many values is prepared in (the
-    speed layer's thread count for small batches).
     """
 
     def __init__(
@@ -37,7 +34,6 @@ class DeviceLoader:
         augment: Augment | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
         mix: Mix | None = None,
-        batch_threads: Callable[[int], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.images = split.images.to(device)
         # On the CPU, channels_last batches without augmentation are gathered straight from
@@ -62,7 +58,6 @@ class DeviceLoader:
         self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.mix = mix
         self.mix_generator = torch.Generator().manual_seed(seed + 2)
-        self._batch_threads = batch_threads
         # Folding 1/255 into the normalization saves a pass over every batch.
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(
@@ -136,19 +131,13 @@ class DeviceLoader:
         rng = epoch_rng(self.mix_generator) if self.mix is not None else None
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            with self._threads(len(idx)):
-                x = self._gather(idx)
-                if self.augment is not None:
-                    x = self.augment(x, self.augment_generator)
-                x, y = self._normalized(x), self.labels.index_select(0, idx)
-                if rng is not None:
-                    x, y = self.mix(x, y, rng)
+            x = self._gather(idx)
+            if self.augment is not None:
+                x = self.augment(x, self.augment_generator)
+            x, y = self._normalized(x), self.labels.index_select(0, idx)
+            if rng is not None:
+                x, y = self.mix(x, y, rng)
             yield x, y
-
-    def _threads(self, batch: int) -> AbstractContextManager[None]:
-        if self._batch_threads is None:
-            return nullcontext()
-        return self._batch_threads(batch * self.images[0].numel())
 
 
 def _per_value(

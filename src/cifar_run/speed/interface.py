@@ -3,8 +3,9 @@
 The loop asks `epoch(model, autocast, scaler)` for a context that yields a
 `ForwardBackward`, and calls it once per batch. `PlainSteps` is the whole story without
 tricks: autocast, loss, backward. The speed layer (cifar_run.speed.setup) hands the loop
-something with the same method that may run the batch differently (in halves, on other
-threads), always leaving the same gradients in `.grad` and returning the same loss.
+something with the same method that may run the batch differently (for example split in
+pieces, or captured as a graph), always leaving the same gradients in `.grad` and returning
+the same loss.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Giving a model's modules a subclass's behaviour in place, by changing their class.
 
-The speed settings and the batch halves swap plain torch modules for subclasses that only
-override how they compute (conv_grad's TapConv2d, halves_modules' BatchNorm and dropout for
-halves): the module object, its parameters, buffers, hooks and state-dict keys stay, so
-optimizers, pruning and checkpoints that hold the model see no change.
+The speed settings swap plain torch modules for subclasses that only override how they
+compute (conv_grad's TapConv2d): the module object, its parameters, buffers, hooks and
+state-dict keys stay, so optimizers, pruning and checkpoints that hold the model see no
+change.
 """
 
 from __future__ import annotations

@@ -15,9 +15,6 @@ class SpeedSettings:
 
     channels_last: bool = True  # NHWC batches for conv nets
     conv_grads: bool = True  # convolutions as matrix multiplies on small maps (CPU)
-    batch_halves: bool = True  # each batch as two halves on two threads (CPU)
-    helper_process: bool = True  # the second halves in a helper process (CPU, no BatchNorm)
-    op_threads: bool = True  # small ops, optimizer steps and batches on one thread (CPU)
     keep_heap: bool = True  # the C heap keeps freed memory between steps (CPU, glibc)
 
     @classmethod
