@@ -176,5 +176,5 @@ def test_empty_layer_selection_fails_before_data_loads(tmp_path: Path) -> None:
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert "pruning.layers: selects no Conv2d/Linear weight" in lines[0]
+    assert "pruning.include_classifier: selects no Conv2d/Linear weight" in lines[0]
     assert not list(tmp_path.rglob("results.json"))

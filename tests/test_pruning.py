@@ -80,7 +80,7 @@ def test_prunable_parameters_lenet() -> None:
 
 
 def test_empty_selection_raises_user_error() -> None:
-    with pytest.raises(UserError, match=r"^pruning\.layers: selects no Conv2d/Linear weight"):
+    with pytest.raises(UserError, match=r"^pruning\.include_classifier: selects no Conv2d/Linear"):
         prunable_parameters(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
     with pytest.raises(UserError, match="include_classifier=False"):
         prunable_parameters(nn.Sequential(nn.Linear(3, 2)), include_classifier=False)
