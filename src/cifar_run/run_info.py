@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run.engine.precision import resolve_precision
@@ -43,8 +43,9 @@ def summary_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.d
 
 
 def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str, Any]:
-    """The config half of results.json: what was run."""
-    return {
+    """The config half of results.json: what was run (and, for an experiment that quotes
+    them, its report's published figures: the `reference` block, for the sweep summary)."""
+    results = {
         "model": cfg.model.name,
         "params": params,
         "epochs": cfg.epochs,
@@ -69,6 +70,9 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "ckpt_path": _ckpt_path(cfg),
         "environment": environment(device),
     }
+    if cfg.get("reference") is not None:
+        results["reference"] = OmegaConf.to_container(cfg.reference, resolve=True)
+    return results
 
 
 def _mix_name(cfg: DictConfig) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_run.config.reference import parse_reference
 from cifar_run.config.values import (
     boolean,
     in_range,
@@ -410,6 +411,9 @@ def validate(cfg: DictConfig) -> None:
             f"early_stop={cfg.early_stop}: needs a validation split to watch; data.val_size=0"
         )
     SpeedSettings.from_config(cfg.get("speed"))
+    # An experiment's published figures: only the sweep summary reads them, at the end of a
+    # sweep, so a typo must fail here, before training.
+    parse_reference(cfg.get("reference"))
     settings = check_pruning(cfg)
     if settings.early_stop is not None and settings.finetune_epochs > 0 and cfg.data.val_size == 0:
         raise UserError(
