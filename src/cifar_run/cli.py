@@ -165,7 +165,8 @@ def _report(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="cifar-report",
         description="Tabulate and plot run folders: prints the Markdown table and writes "
-        "summary.csv, summary.md, summary.png (and summary_seeds.* when seed varies).",
+        "summary.csv, summary.md, summary.png (and summary_seeds.* when seed varies; "
+        "reference.md/.csv, ours beside the report's figures, for runs of experiment=reportNNN).",
     )
     parser.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="run or sweep folders (or parents)"
@@ -203,6 +204,9 @@ def _report(argv: list[str] | None) -> None:
     seeds = summary.seeds_markdown()
     if seeds is not None:
         print(f"\nMean and standard deviation over seeds:\n\n{seeds}", end="", flush=True)
+    reference = summary.reference_markdown()
+    if reference is not None:
+        print(f"\n{reference}", end="", flush=True)
     if out is None:
         print(
             "cifar-report: several folders given; pass --out DIR to write the summary files",

@@ -27,8 +27,9 @@ EXIT_JOBS_FAILED = 1
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: summary.csv/.md/.png in the sweep folder, and a non-zero exit
-    status when a job failed (the sweep itself ran every job: see sweep.run_job)."""
+    """At the end of a multirun: summary.csv/.md/.png in the sweep folder (and reference.md/.csv
+    for an experiment that quotes its report's figures), and a non-zero exit status when a job
+    failed (the sweep itself ran every job: see sweep.run_job)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -50,6 +51,9 @@ class SweepSummary(Callback):
             print(summary.markdown(), flush=True)
             for line in summary.selection():
                 print(line, flush=True)
+            reference = summary.reference_markdown()
+            if reference is not None:  # ours beside the report's figures: reference.md
+                print(f"\n{reference}", end="", flush=True)
             log.info("sweep summary: %s", sweep_dir / "summary.md")
         except Exception:  # the sweep's results are safe in its job folders; say so loudly
             log.exception("could not write the sweep summary; `cifar-report %s` retries", sweep_dir)

@@ -50,9 +50,29 @@ class Run:
         """The run's value of a config key: its override, else its saved config."""
         if key in self.overrides:
             return self.overrides[key]
-        if self._config is None:
-            from omegaconf import OmegaConf
+        from omegaconf import DictConfig
 
+        value = self._select(key)
+        if isinstance(value, DictConfig):  # a config group: its option's name
+            return value.get("name")
+        return value
+
+    def section(self, key: str) -> Any:
+        """A part of the run's saved config as plain containers (None without it)."""
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        value = self._select(key)
+        if isinstance(value, DictConfig | ListConfig):
+            try:
+                return OmegaConf.to_container(value, resolve=True)
+            except Exception:  # an interpolation that cannot resolve outside its run
+                return None
+        return value
+
+    def _select(self, key: str) -> Any:
+        from omegaconf import OmegaConf
+
+        if self._config is None:
             for name in ("config.yaml", ".hydra/config.yaml"):
                 if (self.path / name).is_file():
                     self._config = OmegaConf.load(self.path / name)
@@ -61,15 +81,10 @@ class Run:
                 self._config = {}
         if not self._config:
             return None
-        from omegaconf import DictConfig, OmegaConf
-
         try:
-            value = OmegaConf.select(self._config, key, throw_on_resolution_failure=False)
+            return OmegaConf.select(self._config, key, throw_on_resolution_failure=False)
         except Exception:  # an interpolation that cannot resolve outside its run
             return None
-        if isinstance(value, DictConfig):  # a config group: its option's name
-            return value.get("name")
-        return value
 
 
 class NoRunsError(ValueError):

@@ -13,26 +13,32 @@ sweep folders:
   with it, the honest figure for a sweep (choosing by test accuracy would overstate it);
   after the table in summary.md and on the terminal;
 - summary.png: test accuracy against each swept numeric key, one line per value of the other
-  swept keys, and the validation-loss curves of every run overlaid (outputs.summary_plot).
+  swept keys, and the validation-loss curves of every run overlaid (outputs.summary_plot);
+- reference.md/.csv, for runs of an experiment that quotes its report's figures: ours beside
+  the report's, in the report's table shape (outputs.reference).
 
 The runs come from outputs.run_folders (load_runs).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
+from cifar_run.outputs.reference import Comparison, compare, reference_markdown, write_reference
 from cifar_run.outputs.run_folders import Run, swept_keys
 from cifar_run.outputs.summary_plot import plot_summary
 
 if TYPE_CHECKING:  # pandas loads lazily: `cifar-run` must start fast
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 def _scalars(mapping: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +62,7 @@ class Summary:
     label_columns: list[str]  # columns telling apart the rows of one run (e.g. `pruned`)
     seeds: pd.DataFrame | None
     runs: list[Run]
+    comparisons: list[Comparison] = field(default_factory=list)  # beside reports' figures
 
     @property
     def failed(self) -> list[Run]:
@@ -66,6 +73,10 @@ class Summary:
 
     def seeds_markdown(self) -> str | None:
         return None if self.seeds is None else frame_markdown(self.seeds, list(self.seeds.columns))
+
+    def reference_markdown(self) -> str | None:
+        """The tables of our runs beside their reports' figures (None: no such runs)."""
+        return reference_markdown(self.comparisons) if self.comparisons else None
 
     def selection(self) -> list[str]:
         """One line per kind of row (the label columns' values): the setting chosen on
@@ -173,7 +184,16 @@ def summarize(runs: list[Run]) -> Summary:
     labels = _label_columns(runs)
     multi_row = any(len(r.rows) > 1 for r in runs)
     table = table[[*front, *rest, "run", *(["row"] if multi_row else []), "path"]]
-    return Summary(table, keys, md_columns, labels, seed_table(table, keys, labels), runs)
+    seeds = seed_table(table, keys, labels)
+    return Summary(table, keys, md_columns, labels, seeds, runs, _comparisons(runs))
+
+
+def _comparisons(runs: list[Run]) -> list[Comparison]:
+    try:
+        return compare(runs)
+    except Exception:  # the summary must not fail for the sake of the reference table
+        log.exception("no reference table (ours beside the report's figures)")
+        return []
 
 
 def _accuracy_columns(table: pd.DataFrame) -> list[str]:
@@ -233,7 +253,8 @@ def frame_markdown(table: pd.DataFrame, columns: list[str]) -> str:
 
 
 def write_summary(summary: Summary, out_dir: Path) -> list[Path]:
-    """summary.csv, summary.md, summary.png (and summary_seeds.*) in out_dir; returns the paths."""
+    """summary.csv, summary.md, summary.png (and summary_seeds.*, reference.*) in out_dir;
+    returns the paths."""
     out_dir = Path(out_dir)
     written = [out_dir / "summary.csv", out_dir / "summary.md"]
     atomic.write_text(written[0], summary.table.to_csv(index=False))
@@ -243,6 +264,7 @@ def write_summary(summary: Summary, out_dir: Path) -> list[Path]:
         written += [out_dir / "summary_seeds.csv", out_dir / "summary_seeds.md"]
         atomic.write_text(written[2], summary.seeds.to_csv(index=False))
         atomic.write_text(written[3], summary.seeds_markdown() or "")
+    written += write_reference(summary.comparisons, out_dir)
     written.append(out_dir / "summary.png")
     plot_summary(summary, written[-1])
     return written
