@@ -52,11 +52,12 @@ LATER_DEFAULTS = {
 PATH_KEYS = ("data.root", "ckpt_path")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as flat `dotted.key: value` pairs."""
     if isinstance(node, Mapping):
         flat: dict[str, Any] = {}
         for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: node}
 
@@ -68,7 +69,7 @@ def _ignored(key: str) -> bool:
 def config_snapshot(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config as flat `dotted.key: value` pairs that affect the results."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return {k: v for k, v in sorted(_flatten(container).items()) if not _ignored(k)}
+    return {k: v for k, v in sorted(flatten(container).items()) if not _ignored(k)}
 
 
 def _as_if_absent(key: str, value: Any) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifar_run.config.compare import flatten
 from cifar_run.config.values import in_range
 from cifar_run.errors import UserError
 
@@ -77,18 +78,15 @@ def _texts(where: str, value: Any, what: str) -> tuple[str, ...]:
     return tuple(_text(f"{where}[{i}]", v) for i, v in enumerate(value))
 
 
-def _flatten(where: str, node: Any, prefix: str = "") -> dict[str, Any]:
-    """{data: {val_size: 1}} -> {"data.val_size": 1}; leaves must be scalars or null."""
-    if not prefix and not isinstance(node, Mapping):
+def _setup(where: str, node: Any) -> dict[str, Any]:
+    """{data: {val_size: 1}} -> {"data.val_size": 1}; each value a scalar or null."""
+    if not isinstance(node, Mapping):
         raise UserError(f"{where}={node}: must be a mapping of config keys and values")
-    if isinstance(node, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(where, value, f"{prefix}{key}."))
-        return flat
-    if node is not None and not isinstance(node, SCALARS):
-        raise UserError(f"{where}.{prefix[:-1]}={node}: must be a single value")
-    return {prefix[:-1]: node}
+    flat = flatten(node)
+    for key, value in flat.items():
+        if value is not None and not isinstance(value, SCALARS):
+            raise UserError(f"{where}.{key}={value}: must be a single value")
+    return flat
 
 
 def _row(where: str, node: Any) -> ReferenceRow:
@@ -144,6 +142,6 @@ def parse_reference(node: Any) -> Reference | None:
         file=_text("reference.file", node["file"]) if "file" in node else "",
         row_keys=_texts("reference.table.rows", table.get("rows", []), "key names"),
         column_keys=_texts("reference.table.columns", table.get("columns", []), "key names"),
-        setup=_flatten("reference.setup", node.get("setup") or {}),
+        setup=_setup("reference.setup", node.get("setup") or {}),
         notes=_texts("reference.notes", notes, "texts"),
     )

@@ -23,6 +23,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from cifar_run.config.reference import FIGURES, Reference, ReferenceRow, parse_reference
+from cifar_run.config.values import is_number
 from cifar_run.errors import UserError
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
@@ -251,7 +252,7 @@ def compare_report(reference: Reference, runs: list[Run]) -> Comparison | None:
         row, column = shown[key]
         for figure in reference.figures:
             col = FIGURES[figure]
-            ours = [float(r[col]) for r, _ in members if _number(r.get(col))]
+            ours = [float(r[col]) for r, _ in members if is_number(r.get(col)) and r[col] == r[col]]
             reported = ref_row.figures.get(figure) if ref_row else None
             cells[(row, column, figure)] = Cell(ours, reported, ref_row.source if ref_row else None)
     rows = list(dict.fromkeys(r for r, _ in shown.values()))
@@ -261,10 +262,6 @@ def compare_report(reference: Reference, runs: list[Run]) -> Comparison | None:
     comparison = Comparison(reference, row_keys, column_keys, rows, columns, cells, [])
     comparison.notes = _notes(comparison, runs, done)
     return comparison
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def compare(runs: list[Run]) -> list[Comparison]:
