@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
+from cifar_run.outputs.loggers.tracker import Tracker
 from cifar_run.prune import curve as prune_curve
 from cifar_run.prune import stage as prune_stage
 from cifar_run.prune.settings import PruningSettings, validate_pruning
@@ -72,6 +73,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # what allocates on "the" GPU uses this one too
     resume_from, done = _open_run_folder(cfg, out_dir, device)
     if done is not None:
         return done
@@ -97,16 +100,20 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         if resume_from is None:  # a resumed run keeps the record of how it was started
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
+    tracker = Tracker(cfg, out_dir)
     try:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
-        job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings)
+        job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings, tracker)
         results.update(_train(job, augment))
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.write_status(out_dir, {**results, "status": "failed", "error": message})
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    return _complete(cfg, results, settings, out_dir)
+    results = _complete(cfg, results, settings, out_dir)
+    tracker.finish(results)
+    return results
 
 
 def _open_run_folder(
@@ -187,6 +194,7 @@ class Job:
     out_dir: Path | None
     resume_from: checkpoint.Checkpoint | None
     settings: PruningSettings
+    tracker: Tracker = field(default_factory=Tracker)  # the run's loggers (none by default)
 
 
 def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
@@ -275,6 +283,9 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
             report.write_metrics(out_dir, loop.history)
         checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     save_state = partial(checkpoint.save, out_dir, loop, cfg=cfg, device=job.device, **stateful)
+    job.tracker.open(
+        done_epochs=loop.epoch, steps_per_epoch=len(data.train), resumed=job.resume_from is not None
+    )
 
     def on_epoch(loop: LoopState) -> None:
         if loop.best_epoch == loop.epoch:
@@ -282,6 +293,7 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
         if out_dir is not None:
             report.write_metrics(out_dir, loop.history)
             checkpoint.save_weights(out_dir, checkpoint.LAST_FILE, cpu_state(evaluated))
+            job.tracker.epoch_end(loop.history[-1])
             save_state()  # last: the files above are redone on resume; this says what is done
 
     plan = Plan(cfg.epochs, lambda epoch: f"epoch {epoch}/{cfg.epochs}", cfg.get("early_stop"))
@@ -297,6 +309,7 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
             after_step=None if ema is None else step_function(ema, model),
             eval_model=evaluated,
             on_epoch=on_epoch,
+            on_step=job.tracker.step_hook,
         )
     except NonFiniteLoss as exc:
         raise _diverged(exc, len(data.train), loop, out_dir) from None
