@@ -21,10 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run.config.checks import validate
-from cifar_run.data.augment import build_augment, grid_png, normalization, preview_png
+from cifar_run.data.augment import build_augment, normalization
 from cifar_run.data.loader import DeviceLoader
-from cifar_run.data.mix import build_mix, epoch_rng
-from cifar_run.data.mix import preview_grid as mix_preview_grid
+from cifar_run.data.mix import build_mix
 from cifar_run.data.sources import Splits, load_splits
 from cifar_run.engine import checkpoint
 from cifar_run.engine.ema import step_function, weight_average
@@ -38,6 +37,7 @@ from cifar_run.models.summary import layer_summary
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
 from cifar_run.outputs.loggers.tracker import Tracker
+from cifar_run.preview import write_preview
 from cifar_run.prune import curve as prune_curve
 from cifar_run.prune import stage as prune_stage
 from cifar_run.prune.settings import PruningSettings, validate_pruning
@@ -49,7 +49,6 @@ from cifar_run.speed.threads import set_threads
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients, so a large batch is cheap and fast
-PREVIEW_IMAGES = 8  # rows of augment_preview.png
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +91,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         print(f"layers:\n{layer_summary(model)}", flush=True)
         return {"status": "dry_run", "params": params}
     if cfg.preview:
-        return _preview(cfg, augment, out_dir)
+        return write_preview(cfg, augment, out_dir)
 
     results = base_results(cfg, params, device)
     if out_dir is not None:
@@ -159,27 +158,6 @@ def _complete(
         if not cfg.keep_state:  # only after results.json says completed: a resume needs it
             checkpoint.state_path(out_dir).unlink(missing_ok=True)
     return results
-
-
-def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, Any]:
-    """Write augment_preview.png: training images spread over the split, each with a few
-    augmented draws (before normalization), from the run's augmentation seed."""
-    images = load_splits(cfg.data).train.images
-    pick = torch.linspace(0, len(images) - 1, min(PREVIEW_IMAGES, len(images))).long()
-    png = preview_png(images[pick], augment, torch.Generator().manual_seed(cfg.seed + 1))
-    mix = build_mix(cfg.get("mix"), num_classes=1)  # the preview draws no labels
-    mix_png = None
-    if mix is not None:
-        rng = epoch_rng(torch.Generator().manual_seed(cfg.seed + 2))
-        mix_png = grid_png(mix_preview_grid(images[pick], mix, rng))
-    if out_dir is not None:
-        path = Path(out_dir) / "augment_preview.png"
-        atomic.write_bytes(path, png)
-        print(f"augment preview: {path}", flush=True)
-        if mix_png is not None:
-            atomic.write_bytes(Path(out_dir) / "mix_preview.png", mix_png)
-            print(f"mix preview: {Path(out_dir) / 'mix_preview.png'}", flush=True)
-    return {"status": "preview"}
 
 
 @dataclass

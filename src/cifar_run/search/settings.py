@@ -78,3 +78,15 @@ class SearchSettings:
             raise UserError(f"hydra.sweeper.storage={self.storage}: must be a file path or null")
         if not isinstance(self.params, dict):
             raise UserError(f"hydra.sweeper.params={self.params}: must map keys to search ranges")
+
+
+def require_optuna() -> Any:
+    """The optuna module, or the one-line error naming the extra that installs it."""
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(
+            "hydra/sweeper=optuna: needs the optuna package, which is not installed: "
+            'pip install "cifar-run[search]"'
+        ) from None
+    return optuna

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_run.errors import UserError
 from cifar_run.outputs import files as report
-from cifar_run.search.settings import SearchSettings
+from cifar_run.search.settings import SearchSettings, require_optuna
 from cifar_run.search.space import Space, parse_space, trial_overrides
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,10 @@ STUDY_FILE = "study.csv"  # every trial: number, state, value, values, job folde
 COMMAND_ATTR = "cifar_run.command"  # the study's fixed overrides and search space
 
 
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise UserError(
-            "hydra/sweeper=optuna: needs the optuna package, which is not installed: "
-            'pip install "cifar-run[search]"'
-        ) from None
-    return optuna
-
-
 def open_study(settings: SearchSettings, sweep_dir: Path, space: Space) -> Any:
     """The study in the sweep folder, created or continued; refused when it belongs to
     another command (other fixed overrides or another search space)."""
-    optuna = _optuna()
+    optuna = require_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -130,7 +119,7 @@ class Search:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")  # what sweeps keep
         study = open_study(self.settings, self.sweep_dir, space)
-        optuna = _optuna()
+        optuna = require_optuna()
         running = optuna.trial.TrialState.RUNNING
         for trial in study.get_trials(deepcopy=False, states=(running,)):
             if set(trial.params) != set(space.distributions):  # killed while drawing its values
@@ -167,7 +156,7 @@ class Search:
                 value, error = trial_result(ret, self.settings.metric)
                 if value is None:
                     log.warning("trial %d failed: %s", number, error)
-                    study.tell(number, state=_optuna().trial.TrialState.FAIL)
+                    study.tell(number, state=require_optuna().trial.TrialState.FAIL)
                 else:
                     study.tell(number, value)
 
@@ -220,5 +209,5 @@ def search(
 ) -> Any:
     """The sweeper's work: check the settings, then run the study's missing trials."""
     settings = SearchSettings.from_config(values)
-    _optuna()
+    require_optuna()
     return Search(settings, config, launcher, validate).run(arguments)
