@@ -100,7 +100,11 @@ def test_tensorboard_event_files_hold_scalars_hparams_and_figures(tmp_path: Path
         [float(r["train_loss"]) for r in steps_rows(run_dir)], rel=1e-6
     )
     assert len(acc.Scalars("train/lr")) == 2 * per_epoch
-    for tag, column in (("val/acc", "val_acc"), ("val/loss", "val_loss"), ("train/acc", "train_acc")):
+    for tag, column in (
+        ("val/acc", "val_acc"),
+        ("val/loss", "val_loss"),
+        ("train/acc", "train_acc"),
+    ):
         scalars = acc.Scalars(tag)
         assert [e.step for e in scalars] == [per_epoch, 2 * per_epoch], tag
         assert [e.value for e in scalars] == pytest.approx([float(r[column]) for r in epochs])
@@ -182,7 +186,9 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"mlflow server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -338,7 +344,8 @@ def test_a_logger_whose_package_is_missing_names_the_extra(
     with pytest.raises(UserError) as info:
         logger_settings.check_loggers(compose_cfg(["logger=[csv,mlflow]"]))
     assert str(info.value) == (
-        'logger=mlflow: needs the mlflow package, which is not installed: pip install "cifar-run[track]"'
+        "logger=mlflow: needs the mlflow package, which is not installed: "
+        'pip install "cifar-run[track]"'
     )
     logger_settings.check_loggers(compose_cfg(["logger=[csv,tensorboard]"]))  # installed
 
@@ -363,7 +370,9 @@ def hidden(tmp_path: Path, *modules: str) -> dict[str, str]:
 
 
 def test_cli_without_the_tracking_extra_is_one_line_naming_it(tmp_path: Path) -> None:
-    proc = run_cli(*TINY, "logger=[csv,tensorboard]", cwd=tmp_path, env=hidden(tmp_path, "tensorboard"))
+    proc = run_cli(
+        *TINY, "logger=[csv,tensorboard]", cwd=tmp_path, env=hidden(tmp_path, "tensorboard")
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -86,7 +86,10 @@ def test_a_search_killed_after_three_trials_continues_to_six_with_the_same_comma
     again = run_cli(*args, cwd=tmp_path, timeout=900)  # the same command
     study = load_study(sweep_dir)
     states = [t.state.name for t in study.trials]
-    assert [t.number for t in study.trials] == list(range(6)) and set(states) <= {"COMPLETE", "FAIL"}
+    assert [t.number for t in study.trials] == list(range(6)) and set(states) <= {
+        "COMPLETE",
+        "FAIL",
+    }
     assert again.returncode == (1 if "FAIL" in states else 0), again.stderr[-3000:]
     # None repeated: six draws of the search space, six job folders, one per trial.
     draws = {tuple(sorted(t.params.items())) for t in study.trials}
@@ -176,7 +179,12 @@ def test_search_space_from_config_and_command_line() -> None:
             "batch_size": "choice(32, 64)",
             "optim.momentum": "interval(0.8, 0.99)",
         },
-        ["data=imagefolder", "seed=range(0,3)", "model.width=tag(int, interval(8, 32))", "batch_size=16"],
+        [
+            "data=imagefolder",
+            "seed=range(0,3)",
+            "model.width=tag(int, interval(8, 32))",
+            "batch_size=16",
+        ],
     )
     d = space.distributions
     assert d["lr"] == FloatDistribution(0.001, 0.3, log=True)

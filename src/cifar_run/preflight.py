@@ -240,7 +240,11 @@ def preflight(argv: list[str]) -> str | None:
         if multirun and not all_dry:
             _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
         # (A search's rerun continues its study instead: cifar_run.search.study.)
-        if multirun and not search and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
+        if (
+            multirun
+            and not search
+            and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides)
+        ):
             _check_completed_jobs(jobs, hydra_overrides)
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = any(o.startswith(f"{folder_key}=") for o in hydra_overrides)
@@ -263,7 +267,9 @@ def _check_search(
     """An Optuna search (hydra/sweeper=optuna): multirun, its settings, its search space."""
     if not multirun:
         given = [o for o in sweep_overrides if o.startswith((f"{SEARCH}=", "hydra/sweeper="))]
-        raise UserError(f"{(given or ['hydra/sweeper=optuna'])[-1]}: a search runs many jobs; add -m")
+        raise UserError(
+            f"{(given or ['hydra/sweeper=optuna'])[-1]}: a search runs many jobs; add -m"
+        )
     check_search(sweep_cfg, [o.input_line for o in task])
 
 

@@ -83,7 +83,9 @@ def run_job(
     count = gpus.gpu_count()
     with gpus.lease(str(cfg.device), Path(out_dir).parent, job_num, count) as device:
         if device != cfg.device:
-            log.info("job %s: on GPU %s of %d (device=%s)", name, device.split(":")[-1], count, device)
+            log.info(
+                "job %s: on GPU %s of %d (device=%s)", name, device.split(":")[-1], count, device
+            )
             with open_dict(cfg):
                 cfg.device = device
         return _run(cfg, out_dir, run)

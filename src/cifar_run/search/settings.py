@@ -50,7 +50,9 @@ class SearchSettings:
         }
         unknown = sorted(set(plain) - set(known))
         if unknown:
-            raise UserError(f"hydra.sweeper.{unknown[0]}: unknown key; known keys: {', '.join(known)}")
+            raise UserError(
+                f"hydra.sweeper.{unknown[0]}: unknown key; known keys: {', '.join(known)}"
+            )
         if plain.get("n_jobs") == -1:  # the launcher's "one per core"
             plain["n_jobs"] = os.cpu_count() or 1
         settings = cls(**plain)
@@ -70,7 +72,9 @@ class SearchSettings:
                 f"hydra.sweeper.metric={self.metric}: a search must not select on the test set; "
                 "use a validation key such as best_val_acc"
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise UserError(f"hydra.sweeper.seed={self.seed}: must be an integer or null")
         if not isinstance(self.study_name, str) or not self.study_name.strip():
             raise UserError(f"hydra.sweeper.study_name={self.study_name}: must be a name")

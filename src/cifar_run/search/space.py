@@ -35,7 +35,9 @@ def _distribution(key: str, override: Any) -> Any:
     if override.is_choice_sweep() or override.is_range_sweep():
         values = list(override.sweep_iterator())
         if not values:
-            raise UserError(f"{key}={override.get_value_element_as_str()}: no values to choose from")
+            raise UserError(
+                f"{key}={override.get_value_element_as_str()}: no values to choose from"
+            )
         for value in values:
             if not isinstance(value, (str, int, float, bool, type(None))):
                 raise UserError(f"{key}: choice values must be numbers, text or booleans")
@@ -77,7 +79,8 @@ def parse_space(params: Mapping[str, Any], arguments: Sequence[str]) -> Space:
     if not distributions:
         raise UserError(
             "hydra.sweeper.params: no search space; give ranges on the command line, e.g. "
-            "'lr=tag(log,interval(0.001,0.3))', in hydra.sweeper.params, or use hparams_search=cifar_optuna"
+            "'lr=tag(log,interval(0.001,0.3))', in hydra.sweeper.params, "
+            "or use hparams_search=cifar_optuna"
         )
     return Space(distributions, list(fixed.values()))
 

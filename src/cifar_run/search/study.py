@@ -77,7 +77,9 @@ def open_study(settings: SearchSettings, sweep_dir: Path, space: Space) -> Any:
         study.sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
         study.sampler = optuna.samplers.TPESampler(seed=seed)
-    log.info("study %s in %s: %d of %d trials so far", settings.study_name, path, done, settings.n_trials)
+    log.info(
+        "study %s in %s: %d of %d trials so far", settings.study_name, path, done, settings.n_trials
+    )
     return study
 
 
@@ -125,7 +127,9 @@ class Search:
             if set(trial.params) != set(space.distributions):  # killed while drawing its values
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
                 continue
-            log.info("trial %d was left running by an interrupted search: running it again", trial.number)
+            log.info(
+                "trial %d was left running by an interrupted search: running it again", trial.number
+            )
             self._launch(study, space, [(trial.number, trial.params)])
         waiting = optuna.trial.TrialState.WAITING
         while True:
@@ -133,7 +137,9 @@ class Search:
             todo = self.settings.n_trials - started
             if todo <= 0:
                 break
-            trials = [study.ask(space.distributions) for _ in range(min(todo, self.settings.n_jobs))]
+            trials = [
+                study.ask(space.distributions) for _ in range(min(todo, self.settings.n_jobs))
+            ]
             self._launch(study, space, [(t.number, t.params) for t in trials])
         return self._report(study)
 
@@ -182,7 +188,9 @@ class Search:
             print(f"search: no trial completed; see {self.sweep_dir / STUDY_FILE}", flush=True)
             return None
         best = study.best_trial
-        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        values = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+        )
         folder = job_folder(self.sweep_dir, best.number)
         print(
             f"best trial {best.number} of {len(rows)}: {metric} {best.value:.2f} with {values}"

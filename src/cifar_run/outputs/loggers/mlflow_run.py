@@ -82,13 +82,14 @@ class MLflowLogger:
         settings = start.settings
         self.uri = str(settings.get("tracking_uri") or default_tracking_uri())
         self.db = sqlite_file(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.out_dir = start.out_dir
         self.every = int(settings.get("every_n_steps", 1))
         self.pending: list[Any] = []
         self.sent = time.monotonic()
         self.logged: dict[str, int] = {}  # last step of each metric the store has already
         with self._turn():
+            # Creating the client opens the store: a new SQLite file gets its tables then.
+            self.client = MlflowClient(tracking_uri=self.uri)
             run_id = self._reopen(start) if start.resumed else None
             if run_id is None:
                 run_id = self._create(start, settings.get("experiment"), settings.get("run_name"))

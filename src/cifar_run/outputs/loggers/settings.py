@@ -19,7 +19,12 @@ EXTRAS: dict[str, tuple[str | None, str | None]] = {
 KEYS: dict[str, dict[str, str]] = {
     "csv": {"every_n_steps": "int"},
     "tensorboard": {"every_n_steps": "int"},
-    "mlflow": {"every_n_steps": "int", "tracking_uri": "str", "experiment": "str", "run_name": "str"},
+    "mlflow": {
+        "every_n_steps": "int",
+        "tracking_uri": "str",
+        "experiment": "str",
+        "run_name": "str",
+    },
 }
 
 
