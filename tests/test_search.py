@@ -3,11 +3,13 @@ command, a failing trial is recorded as failed, the best trial is chosen on vali
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -30,6 +32,7 @@ def search_args(sweep_dir: Path, trials: int) -> list[str]:
     return [
         "-m",
         *NO_BATCH,
+        "epochs=3",  # enough for the trials' validation accuracies to differ
         "hparams_search=cifar_optuna",
         f"hydra.sweeper.n_trials={trials}",
         "lr=tag(log,interval(0.001,0.05))",  # on the command line: replaces the example's range
@@ -225,3 +228,43 @@ def test_search_settings_are_checked() -> None:
     ):
         with pytest.raises(UserError, match=key):
             SearchSettings.from_config(values)
+
+
+def test_a_trial_killed_while_drawing_its_values_is_completed_and_run(tmp_path: Path) -> None:
+    from hydra.core.utils import JobStatus
+    from omegaconf import OmegaConf
+
+    from cifar_run.search.study import Search, open_study
+
+    sweep_dir = tmp_path / "search"
+    params = {"lr": "tag(log, interval(0.001, 0.1))", "batch_size": "choice(16, 32)"}
+    settings = SearchSettings.from_config({"n_trials": 2, "study_name": "s", "params": params})
+    study = open_study(settings, sweep_dir, parse_space(params, ["epochs=1"]))
+    half = study.ask()  # as a kill leaves it: the trial made, one of its values drawn
+    batch_size = half.suggest_categorical("batch_size", [16, 32])
+    launched = []
+
+    class Launcher:  # runs nothing: writes each job's results.json as a finished job would
+        def launch(self, overrides, initial_job_idx):
+            returns = []
+            for i, job in enumerate(overrides):
+                folder = sweep_dir / f"{initial_job_idx + i}_job"
+                folder.mkdir()
+                results = {"status": "completed", "best_val_acc": 50.0 + initial_job_idx}
+                (folder / "results.json").write_text(json.dumps(results))
+                launched.append((initial_job_idx + i, list(job)))
+                output = {"hydra": {"runtime": {"output_dir": str(folder)}}}
+                returns.append(
+                    SimpleNamespace(status=JobStatus.COMPLETED, hydra_cfg=OmegaConf.create(output))
+                )
+            return returns
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    best = Search(settings, config, Launcher(), lambda batch: None).run(["epochs=1"])
+    assert [number for number, _ in launched] == [0, 1]  # the half-drawn trial first, as job 0
+    first = launched[0][1]
+    assert first[0] == "epochs=1" and f"batch_size={batch_size}" in first
+    assert any(o.startswith("lr=") for o in first)  # drawn now
+    trials = open_study(settings, sweep_dir, parse_space(params, ["epochs=1"])).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.value for t in trials] == [50.0, 51.0] and best.number == 1

@@ -24,13 +24,23 @@ def _open(path: Path) -> IO[str]:
     return open(path, "a+")  # the caller closes it, which releases the lock
 
 
+AVAILABLE = fcntl is not None
+
+
+def acquire(path: str | os.PathLike) -> IO[str]:
+    """The lock on `path` (created if missing), waited for: the open file that holds it
+    (close it to release)."""
+    handle = _open(Path(path))
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
+
+
 @contextmanager
 def exclusive(path: str | os.PathLike) -> Iterator[None]:
     """Hold the lock on `path` (created if missing) for the block, waiting for it."""
-    handle = _open(Path(path))
+    handle = acquire(path)
     try:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         yield
     finally:
         handle.close()  # closing the file releases the lock

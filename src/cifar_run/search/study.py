@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_run.errors import UserError
 from cifar_run.outputs import files as report
+from cifar_run.outputs import locks
 from cifar_run.search.settings import SearchSettings, require_optuna
 from cifar_run.search.space import Space, parse_space, trial_overrides
 
@@ -33,6 +34,24 @@ log = logging.getLogger(__name__)
 JOURNAL_FILE = "optuna.journal"
 STUDY_FILE = "study.csv"  # every trial: number, state, value, values, job folder
 COMMAND_ATTR = "cifar_run.command"  # the study's fixed overrides and search space
+
+
+class JournalLock:
+    """The journal file's lock for Optuna: an flock on a file beside it. Optuna's own locks
+    are files that exist while held, so a search killed while writing (SIGKILL, a power cut)
+    left one behind, and the next run waited for it to go stale."""
+
+    def __init__(self, journal: Path) -> None:
+        self.path = journal.with_name(journal.name + ".flock")
+        self.held: Any = None
+
+    def acquire(self) -> bool:
+        self.held = locks.acquire(self.path)
+        return True
+
+    def release(self) -> None:
+        self.held.close()
+        self.held = None
 
 
 def open_study(settings: SearchSettings, sweep_dir: Path, space: Space) -> Any:
@@ -44,7 +63,8 @@ def open_study(settings: SearchSettings, sweep_dir: Path, space: Space) -> Any:
 
     path = Path(settings.storage) if settings.storage else sweep_dir / JOURNAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(path)))
+    lock = JournalLock(path) if locks.AVAILABLE else None
+    storage = JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     study = optuna.create_study(
         study_name=settings.study_name,
         storage=storage,
@@ -123,14 +143,15 @@ class Search:
         study = open_study(self.settings, self.sweep_dir, space)
         optuna = require_optuna()
         running = optuna.trial.TrialState.RUNNING
-        for trial in study.get_trials(deepcopy=False, states=(running,)):
-            if set(trial.params) != set(space.distributions):  # killed while drawing its values
-                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                continue
+        for frozen in study.get_trials(deepcopy=False, states=(running,)):
             log.info(
-                "trial %d was left running by an interrupted search: running it again", trial.number
+                "trial %d was left running by an interrupted search: running it again",
+                frozen.number,
             )
-            self._launch(study, space, [(trial.number, trial.params)])
+            # Its values as drawn; any a kill left undrawn are drawn now.
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            params = {k: trial._suggest(k, d) for k, d in space.distributions.items()}
+            self._launch(study, space, [(frozen.number, params)])
         waiting = optuna.trial.TrialState.WAITING
         while True:
             started = len([t for t in study.get_trials(deepcopy=False) if t.state != waiting])
