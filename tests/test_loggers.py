@@ -65,39 +65,52 @@ def artifact_names(client, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
-def test_default_csv_logger_adds_steps_csv_beside_the_usual_files(tmp_path: Path) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_all_loggers_record_a_run_while_a_tracking_server_that_is_down_is_warned_about_once(
+    tmp_path: Path,
+) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, "epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_cli(
+        *TINY,
+        "epochs=2",
+        "logger=[csv,tensorboard,mlflow]",
+        f"logger.mlflow.tracking_uri={down}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert output.count("logger mlflow failed") == 1, output[-3000:]
+    assert "Traceback" not in output
+    results, epochs = read_results(run_dir), metric_rows(run_dir)
+    assert results["status"] == "completed"
+
+    # steps.csv: every step, counted across epochs; an epoch's first step has its lr.
     rows = steps_rows(run_dir)
     per_epoch = steps_per_epoch(run_dir)
     assert list(rows[0]) == ["step", "epoch", "train_loss", "lr"]
     assert [int(r["step"]) for r in rows] == list(range(1, 2 * per_epoch + 1))
     assert [r["epoch"] for r in rows] == ["1"] * per_epoch + ["2"] * per_epoch
-    # An epoch's row in metrics.csv has the learning rate its first step used.
-    epochs = metric_rows(run_dir)
     for epoch in epochs:
         first = next(r for r in rows if r["epoch"] == epoch["epoch"])
         assert float(first["lr"]) == pytest.approx(float(epoch["lr"]))
     assert all(0 < float(r["train_loss"]) < 10 for r in rows)
-    assert not list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard only when chosen
-    assert not (tmp_path / "outputs").exists()  # nor an MLflow store
 
-
-@pytest.mark.slow
-def test_tensorboard_event_files_hold_scalars_hparams_and_figures(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = [*TINY, "epochs=2", "logger=[csv,tensorboard]", f"hydra.run.dir={run_dir}"]
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    results, epochs = read_results(run_dir), metric_rows(run_dir)
-    per_epoch = steps_per_epoch(run_dir)
+    # TensorBoard's event reader: the scalars, the hparams, the figures.
     acc = events(run_dir)
 
     step_loss = acc.Scalars("train/loss_step")
     assert [e.step for e in step_loss] == list(range(1, 2 * per_epoch + 1))
     assert [e.value for e in step_loss] == pytest.approx(
-        [float(r["train_loss"]) for r in steps_rows(run_dir)], rel=1e-6
+        [float(r["train_loss"]) for r in rows], rel=1e-6
     )
     assert len(acc.Scalars("train/lr")) == 2 * per_epoch
     for tag, column in (
@@ -176,19 +189,11 @@ def test_mlflow_records_every_job_of_a_parallel_sweep_in_the_sqlite_store(tmp_pa
     assert len({steps_per_epoch(job) for job in jobs}) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, seconds: float) -> None:
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(
-                f"mlflow server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}"
-            )
+            pytest.fail(f"mlflow server exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -201,7 +206,7 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float) -> None:
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """`mlflow server` on a free port of 127.0.0.1, its own SQLite store and artifact folder;
-    stopped (its whole process group) at the end."""
+    killed (its whole process group) at the end."""
     port = free_port()
     server = tmp_path / "server"
     server.mkdir()
@@ -221,72 +226,47 @@ def mlflow_server(tmp_path: Path):
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(
-        command,
-        cwd=server,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    log = server / "server.log"  # a file, not a pipe: a full pipe would stall the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=server,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{url}/health", proc, seconds=180)
+        wait_until_up(f"{url}/health", proc, log, seconds=180)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        # Killed outright: a graceful stop waits for the test's idle keep-alive connections.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
-def test_mlflow_logs_a_run_to_a_tracking_server(tmp_path: Path, mlflow_server: str) -> None:
+def test_a_resumed_run_continues_its_run_on_a_tracking_server_without_duplicated_steps(
+    tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards: run() sets defaults
     run_dir = tmp_path / "run"
-    proc = run_cli(
-        *TINY,
-        "epochs=2",
-        "logger=[mlflow]",
+    loggers = [
+        "logger=[csv,tensorboard,mlflow]",
         f"logger.mlflow.tracking_uri={mlflow_server}",
         "logger.mlflow.experiment=server-test",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "logger mlflow failed" not in proc.stdout + proc.stderr
-    assert not (tmp_path / "outputs").exists()  # nothing in the default local store
-    client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("server-test")
-    (found,) = client.search_runs([experiment.experiment_id])
-    assert found.info.run_id == json.loads((run_dir / "mlflow.json").read_text())["run_id"]
-    assert found.info.status == "FINISHED"
-    assert found.data.params["lr"] == "0.01" and found.data.params["epochs"] == "2"
-    per_epoch = len(history(client, found.info.run_id, "train/loss_step")) // 2
-    assert [s for s, _ in history(client, found.info.run_id, "val/acc")] == [
-        per_epoch,
-        2 * per_epoch,
     ]
-    assert found.data.metrics["final/test_acc"] == pytest.approx(read_results(run_dir)["test_acc"])
-    assert {"results.json", "metrics.csv", "loss.png"} <= artifact_names(client, found.info.run_id)
-
-
-def test_resumed_run_continues_its_mlflow_run_without_duplicated_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run_dir, db = tmp_path / "run", tmp_path / "store" / "mlflow.db"
-    loggers = ["logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{db}"]
     args = [*RESUMABLE, *loggers]
     per_epoch = 3  # RESUMABLE: 90 training images in batches of 32
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
         # The crash comes in the second step of epoch 2, after epoch 1's checkpoint.
         m.setattr("cifar_run.run.build_model", lambda cfg: Faulty(at=per_epoch + 2, fault="crash"))
         run(compose_cfg(args), run_dir)
-    client = sqlite_client(db)
+    client = MlflowClient(tracking_uri=mlflow_server)
     run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "FAILED"
     # What the crashed attempt logged: epoch 1, and the first step of epoch 2.
@@ -295,13 +275,22 @@ def test_resumed_run_continues_its_mlflow_run_without_duplicated_steps(
 
     proc = run_cli(*args, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    total = 3 * per_epoch
+    assert "logger mlflow failed" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing in the default local store
     assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run_id  # the same run
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    experiment = client.get_experiment_by_name("server-test")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == run_id and found.info.status == "FINISHED"
+    assert found.data.params["lr"] == "0.01" and found.data.params["epochs"] == "3"
+    total = 3 * per_epoch
     for key in ("train/loss_step", "train/lr"):
         assert [s for s, _ in history(client, run_id, key)] == list(range(1, total + 1)), key
     assert [s for s, _ in history(client, run_id, "val/acc")] == [3, 6, 9]
+    results = read_results(run_dir)
+    assert found.data.metrics["final/test_acc"] == pytest.approx(results["test_acc"])
+    assert {"results.json", "metrics.csv", "steps.csv", "loss.png"} <= artifact_names(
+        client, run_id
+    )
     rows = steps_rows(run_dir)
     assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
     acc = events(run_dir)  # the crashed attempt's event file and the resumed one's, read together
@@ -309,27 +298,6 @@ def test_resumed_run_continues_its_mlflow_run_without_duplicated_steps(
     assert [e.step for e in acc.Scalars("val/acc")] == [3, 6, 9]
     values = [e.value for e in acc.Scalars("train/loss_step")]
     assert values == pytest.approx([float(r["train_loss"]) for r in rows], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_a_tracking_server_that_is_down_warns_once_and_the_run_completes(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = run_cli(
-        *TINY,
-        "epochs=2",
-        "logger=[csv,mlflow]",
-        f"logger.mlflow.tracking_uri={down}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
-    assert output.count("logger mlflow failed") == 1, output[-3000:]
-    assert "Traceback" not in output
-    assert read_results(run_dir)["status"] == "completed"
-    assert len(steps_rows(run_dir)) == 2 * steps_per_epoch(run_dir)  # the CSV record is whole
 
 
 def test_a_logger_whose_package_is_missing_names_the_extra(
