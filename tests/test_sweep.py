@@ -252,12 +252,6 @@ def test_run_job_lets_ctrl_c_stop_the_sweep(tmp_path: Path) -> None:
         sweep.run_job(job_cfg(), tmp_path, 0, interrupted)
 
 
-def test_job_device_spreads_auto_over_gpus() -> None:
-    assert [sweep.job_device("auto", n, 2) for n in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    assert sweep.job_device("auto", 5, 1) == "auto"  # one GPU or none: unchanged
-    assert sweep.job_device("cpu", 1, 4) == "cpu"  # an explicit choice wins
-
-
 def test_job_dir_name_is_safe_short_and_deterministic() -> None:
     assert sweep.job_dir_name(3, "batch_size=64,lr=0.02") == "3_batch_size=64,lr=0.02"
     assert sweep.job_dir_name(0, "") == "0"

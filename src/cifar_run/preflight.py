@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_run.config.compose import CONF_DIR, groups
 from cifar_run.errors import UserError
 from cifar_run.outputs import sweep
+from cifar_run.outputs.loggers.settings import check_loggers
+from cifar_run.search.checks import check_search, is_search
 
 # Hydra flags that print or do something other than a run: leave them to Hydra untouched.
 _HYDRA_ONLY_FLAGS = {
@@ -43,6 +45,7 @@ _HYDRA_ONLY_FLAGS = {
     "--resolve",
 }
 MULTIRUN_FLAGS = {"--multirun", "-m"}
+SEARCH = "hparams_search"  # the config group of searches (conf/hparams_search/)
 # Hydra runs in one mode per command; with -m these end in its ValueError traceback.
 _MODE_FLAGS = {"--run", "-r", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 
@@ -161,11 +164,14 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
         group = override.key_or_group
         if group not in options or override.is_delete():
             continue
-        values = (
-            list(override.sweep_string_iterator())
-            if override.is_sweep_override()
-            else [override.value()]
-        )
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                continue  # a search range (interval): the search checks it
+            values = list(override.sweep_iterator())
+        else:
+            values = [override.value()]
+        # A list selects several options at once: logger=[csv,tensorboard].
+        values = [v for value in values for v in (value if isinstance(value, list) else [value])]
         for value in values:
             if str(value) not in options[group]:
                 raise UserError(
@@ -206,22 +212,25 @@ def preflight(argv: list[str]) -> str | None:
     options = groups()
     _check_group_choices(task, options)
     sweeps = [o.input_line for o in task if o.is_sweep_override()]
-    if sweeps and not multirun:
-        raise UserError(f"{sweeps[0]}: several values need multirun; add -m")
-    jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
+    # The sweep's own settings: hydra/... overrides, and a search's (hparams_search=...).
+    sweep_overrides = hydra_overrides + [o.input_line for o in task if o.key_or_group == SEARCH]
     all_dry = True
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        if hydra_overrides:  # hydra/launcher=..., hydra.sweep.dir=...: checked once for all jobs
-            try:
-                compose(config_name="config", overrides=hydra_overrides, return_hydra_config=True)
-            except Exception as exc:
-                raise UserError(_hydra_error(exc)) from None
+        sweep_cfg = _sweep_config(sweep_overrides)
+        search = is_search(sweep_cfg)
+        if search:
+            _check_search(sweep_cfg, sweep_overrides, task, multirun)
+            task = [o for o in task if not o.is_sweep_override()]  # ranges: the search's
+        elif sweeps and not multirun:
+            raise UserError(f"{sweeps[0]}: several values need multirun; add -m")
+        jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
         for job in jobs:
             try:
                 cfg = compose(config_name="config", overrides=job)
             except Exception as exc:  # the defaults alone (composed only now) name the known keys
                 raise UserError(_compose_error(exc, job, compose(config_name="config"))) from None
             _check_added_keys(job, options)
+            check_loggers(cfg)  # a missing package or a bad logger key: every job alike
             all_dry = all_dry and bool(cfg.dry_run)
             if not multirun:
                 # In a sweep a bad value fails its own job only; the others still run.
@@ -229,15 +238,39 @@ def preflight(argv: list[str]) -> str | None:
                 if not cfg.dry_run:
                     _check_run_folder(job, hydra_overrides)
         if multirun and not all_dry:
-            sweep_cfg = compose(
-                config_name="config", overrides=hydra_overrides, return_hydra_config=True
-            )
             _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
-        if multirun and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
+        # (A search's rerun continues its study instead: cifar_run.search.study.)
+        if (
+            multirun
+            and not search
+            and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides)
+        ):
             _check_completed_jobs(jobs, hydra_overrides)
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = any(o.startswith(f"{folder_key}=") for o in hydra_overrides)
     return folder_key if all_dry and not chosen else None
+
+
+def _sweep_config(sweep_overrides: list[str]) -> DictConfig:
+    """The config with Hydra's settings of the sweep (launcher, sweeper, folders)."""
+    from hydra import compose
+
+    try:
+        return compose(config_name="config", overrides=sweep_overrides, return_hydra_config=True)
+    except Exception as exc:
+        raise UserError(_hydra_error(exc)) from None
+
+
+def _check_search(
+    sweep_cfg: DictConfig, sweep_overrides: list[str], task: list, multirun: bool
+) -> None:
+    """An Optuna search (hydra/sweeper=optuna): multirun, its settings, its search space."""
+    if not multirun:
+        given = [o for o in sweep_overrides if o.startswith((f"{SEARCH}=", "hydra/sweeper="))]
+        raise UserError(
+            f"{(given or ['hydra/sweeper=optuna'])[-1]}: a search runs many jobs; add -m"
+        )
+    check_search(sweep_cfg, [o.input_line for o in task])
 
 
 def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> None:

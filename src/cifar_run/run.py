@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run.config.checks import validate
-from cifar_run.data.augment import build_augment, grid_png, normalization, preview_png
+from cifar_run.data.augment import build_augment, normalization
 from cifar_run.data.loader import DeviceLoader
-from cifar_run.data.mix import build_mix, epoch_rng
-from cifar_run.data.mix import preview_grid as mix_preview_grid
+from cifar_run.data.mix import build_mix
 from cifar_run.data.sources import Splits, load_splits
 from cifar_run.engine import checkpoint
 from cifar_run.engine.ema import step_function, weight_average
@@ -37,6 +36,8 @@ from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
+from cifar_run.outputs.loggers.tracker import Tracker
+from cifar_run.preview import write_preview
 from cifar_run.prune import curve as prune_curve
 from cifar_run.prune import stage as prune_stage
 from cifar_run.prune.settings import PruningSettings, validate_pruning
@@ -48,7 +49,6 @@ from cifar_run.speed.threads import set_threads
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients, so a large batch is cheap and fast
-PREVIEW_IMAGES = 8  # rows of augment_preview.png
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +72,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # what allocates on "the" GPU uses this one too
     resume_from, done = _open_run_folder(cfg, out_dir, device)
     if done is not None:
         return done
@@ -89,7 +91,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         print(f"layers:\n{layer_summary(model)}", flush=True)
         return {"status": "dry_run", "params": params}
     if cfg.preview:
-        return _preview(cfg, augment, out_dir)
+        return write_preview(cfg, augment, out_dir)
 
     results = base_results(cfg, params, device)
     if out_dir is not None:
@@ -97,16 +99,20 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         if resume_from is None:  # a resumed run keeps the record of how it was started
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
+    tracker = Tracker(cfg, out_dir)
     try:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
-        job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings)
+        job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings, tracker)
         results.update(_train(job, augment))
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.write_status(out_dir, {**results, "status": "failed", "error": message})
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    return _complete(cfg, results, settings, out_dir)
+    results = _complete(cfg, results, settings, out_dir)
+    tracker.finish(results)
+    return results
 
 
 def _open_run_folder(
@@ -154,27 +160,6 @@ def _complete(
     return results
 
 
-def _preview(cfg: DictConfig, augment: Any, out_dir: Path | None) -> dict[str, Any]:
-    """Write augment_preview.png: training images spread over the split, each with a few
-    augmented draws (before normalization), from the run's augmentation seed."""
-    images = load_splits(cfg.data).train.images
-    pick = torch.linspace(0, len(images) - 1, min(PREVIEW_IMAGES, len(images))).long()
-    png = preview_png(images[pick], augment, torch.Generator().manual_seed(cfg.seed + 1))
-    mix = build_mix(cfg.get("mix"), num_classes=1)  # the preview draws no labels
-    mix_png = None
-    if mix is not None:
-        rng = epoch_rng(torch.Generator().manual_seed(cfg.seed + 2))
-        mix_png = grid_png(mix_preview_grid(images[pick], mix, rng))
-    if out_dir is not None:
-        path = Path(out_dir) / "augment_preview.png"
-        atomic.write_bytes(path, png)
-        print(f"augment preview: {path}", flush=True)
-        if mix_png is not None:
-            atomic.write_bytes(Path(out_dir) / "mix_preview.png", mix_png)
-            print(f"mix preview: {Path(out_dir) / 'mix_preview.png'}", flush=True)
-    return {"status": "preview"}
-
-
 @dataclass
 class Job:
     """One run's objects, built from the config, as the training and pruning steps use them."""
@@ -187,6 +172,7 @@ class Job:
     out_dir: Path | None
     resume_from: checkpoint.Checkpoint | None
     settings: PruningSettings
+    tracker: Tracker = field(default_factory=Tracker)  # the run's loggers (none by default)
 
 
 def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
@@ -275,6 +261,9 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
             report.write_metrics(out_dir, loop.history)
         checkpoint.save_weights(out_dir, checkpoint.BEST_FILE, loop.best_state)
     save_state = partial(checkpoint.save, out_dir, loop, cfg=cfg, device=job.device, **stateful)
+    job.tracker.open(
+        done_epochs=loop.epoch, steps_per_epoch=len(data.train), resumed=job.resume_from is not None
+    )
 
     def on_epoch(loop: LoopState) -> None:
         if loop.best_epoch == loop.epoch:
@@ -282,6 +271,7 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
         if out_dir is not None:
             report.write_metrics(out_dir, loop.history)
             checkpoint.save_weights(out_dir, checkpoint.LAST_FILE, cpu_state(evaluated))
+            job.tracker.epoch_end(loop.history[-1])
             save_state()  # last: the files above are redone on resume; this says what is done
 
     plan = Plan(cfg.epochs, lambda epoch: f"epoch {epoch}/{cfg.epochs}", cfg.get("early_stop"))
@@ -297,6 +287,7 @@ def _train_epochs(job: Job, data: LoopData, generators: dict) -> LoopState:
             after_step=None if ema is None else step_function(ema, model),
             eval_model=evaluated,
             on_epoch=on_epoch,
+            on_step=job.tracker.step_hook,
         )
     except NonFiniteLoss as exc:
         raise _diverged(exc, len(data.train), loop, out_dir) from None

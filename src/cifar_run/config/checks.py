@@ -31,6 +31,7 @@ from cifar_run.config.values import (
 )
 from cifar_run.constants import IMAGE_SUFFIXES, MIX_MODES, PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
+from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.prune.settings import PruningSettings, validate_pruning
 from cifar_run.speed.settings import SpeedSettings
 
@@ -414,6 +415,7 @@ def validate(cfg: DictConfig) -> None:
     # An experiment's published figures: only the sweep summary reads them, at the end of a
     # sweep, so a typo must fail here, before training.
     parse_reference(cfg.get("reference"))
+    check_loggers(cfg)
     settings = check_pruning(cfg)
     if settings.early_stop is not None and settings.finetune_epochs > 0 and cfg.data.val_size == 0:
         raise UserError(

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys that cannot change a run's numbers, so a resume may differ in them: the resume switch
 # itself, where the decode cache lives, whether downloading is allowed, Hydra's own settings,
-# an experiment's `reference` block (a report's published figures, read by the summary only).
+# an experiment's `reference` block (a report's published figures, read by the summary only),
+# the loggers that watch the run.
 # `device` is compared by kind (cpu / cuda) in `engine.resume.check_config`, not by spelling:
 # `auto`, `cuda` and `cuda:1` may resume each other's runs, CPU and CUDA may not.
 IGNORED_KEYS = (
@@ -29,6 +30,7 @@ IGNORED_KEYS = (
     "data.download",
     "hydra",
     "reference",
+    "logger",
 )
 
 # Keys a saved config may lack whose default is not null: at that default they change

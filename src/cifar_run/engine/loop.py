@@ -22,6 +22,11 @@ from cifar_run.constants import TTA_MODES
 from cifar_run.speed.interface import PLAIN, Criterion, EpochSteps
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# Called after every training step with (the step's number within the epoch, from 1; its
+# loss, a detached tensor still on the device; the learning rate it used). It must not read
+# the loss's value, which would be a host synchronisation per step: keep it and read many
+# at once.
+StepHook = Callable[[int, torch.Tensor, float], None]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ def train_one_epoch(
     grad_clip: float | None = None,
     after_step: Callable[[], None] | None = None,
     steps: EpochSteps | None = None,
+    on_step: StepHook | None = None,
 ) -> EpochStats:
     """Train for one pass over `batches`; `step_scheduler` is called after every step.
     Labels are class indices (B,) or class probabilities (B, classes), e.g. mixup's.
@@ -91,7 +97,8 @@ def train_one_epoch(
     norm before each step (torch.nn.utils.clip_grad_norm_; with a scaler, of the unscaled
     gradients). `after_step` is called after every optimizer step (e.g. a weight average's
     update). `steps`: how each batch's forward and backward run, asked once for the epoch
-    (cifar_run.speed.interface; None: the plain step).
+    (cifar_run.speed.interface; None: the plain step). `on_step` gets each step's loss and
+    learning rate (see StepHook).
 
     Raises NonFiniteLoss naming the first step whose loss was NaN or infinite, at most
     `check_every - 1` steps after it.
@@ -100,7 +107,7 @@ def train_one_epoch(
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
+    n = step = 0
     total = len(batches) if isinstance(batches, Sized) else None
     recent = _RecentLosses(check_every, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -128,7 +135,10 @@ def train_one_epoch(
             labels = y.argmax(1) if y.ndim == 2 else y
             correct += (out.detach().argmax(1) == labels).sum()
             n += y.shape[0]
+            step += 1
             recent.add(loss, lr)
+            if on_step is not None:
+                on_step(step, loss.detach(), lr)
     recent.check()
     return _stats(loss_sum, correct, n, t0)
 
@@ -266,6 +276,7 @@ class LoopData:
         step_scheduler: Callable[[], None] | None = None,
         after_step: Callable[[], None] | None = None,
         eval_model: nn.Module | None = None,
+        on_step: StepHook | None = None,
     ) -> tuple[EpochStats, EpochStats]:
         """One training pass over `train`, then `eval_model` (default: `model`) on `val`."""
         train = train_one_epoch(
@@ -281,6 +292,7 @@ class LoopData:
             grad_clip=self.grad_clip,
             after_step=after_step,
             steps=self.steps,
+            on_step=on_step,
         )
         return train, self.evaluate(model if eval_model is None else eval_model, self.val)
 
@@ -319,12 +331,14 @@ def fit(
     after_step: Callable[[], None] | None = None,
     eval_model: nn.Module | None = None,
     on_epoch: Callable[[LoopState], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> LoopState:
     """Train from epoch `state.epoch + 1` to `plan.epochs`, validating `eval_model`
     (default: `model`) after each; keep the best validation epoch's weights (without a
     validation split, the last epoch's) and stop early once it is `plan.early_stop` epochs
     old. `schedule` (engine.optim.Schedule) steps per batch and per epoch. `on_epoch` gets
-    the state after every epoch (write files, save a resume point).
+    the state after every epoch (write files, save a resume point); `on_step`, every
+    training step's loss (StepHook).
 
     Raises NonFiniteLoss with its `epoch` set when the loss goes NaN or infinite."""
     evaluated = model if eval_model is None else eval_model
@@ -344,6 +358,7 @@ def fit(
                 step_scheduler=None if schedule is None else schedule.step_batch,
                 after_step=after_step,
                 eval_model=evaluated,
+                on_step=on_step,
             )
         except NonFiniteLoss as exc:
             exc.epoch = epoch

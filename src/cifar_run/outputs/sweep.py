@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_run.outputs import files as report
+from cifar_run.outputs import gpus
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def register_resolvers() -> None:
     """`${cifar_run.job_dir:num,override_dirname}` for hydra.sweep.subdir (conf/config.yaml)."""
     if not OmegaConf.has_resolver("cifar_run.job_dir"):
         OmegaConf.register_new_resolver("cifar_run.job_dir", job_dir_name)
+    if not OmegaConf.has_resolver("cifar_run.gpu_jobs"):  # conf/hydra/launcher/parallel.yaml
+        OmegaConf.register_new_resolver("cifar_run.gpu_jobs", gpus.parallel_jobs)
 
 
 def read_status(out_dir: Path) -> str | None:
@@ -55,13 +58,6 @@ def read_status(out_dir: Path) -> str | None:
         return json.loads((Path(out_dir) / RESULTS_FILE).read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def job_device(device: str, job_num: int, cuda_count: int) -> str:
-    """Parallel jobs on a multi-GPU machine: `auto` spreads them over the GPUs by job number."""
-    if device == "auto" and cuda_count > 1:
-        return f"cuda:{job_num % cuda_count}"
-    return device
 
 
 def one_line(exc: BaseException) -> str:
@@ -78,20 +74,28 @@ def run_job(
     """Run one sweep job; returns `completed`, `skipped`, `failed` or `dry_run`, never raises.
 
     KeyboardInterrupt still stops the whole sweep (run() marks the job failed on its way out).
+    With device=auto on a machine with several GPUs the job gets one of its own (gpus.lease).
     """
-    from cifar_run.engine import checkpoint
-    from cifar_run.errors import UserError
-
     name = Path(out_dir).name
     if read_status(out_dir) == "completed":
         log.info("skipping completed job %s (results.json says completed)", name)
         return "skipped"
-    import torch
+    count = gpus.gpu_count()
+    with gpus.lease(str(cfg.device), Path(out_dir).parent, job_num, count) as device:
+        if device != cfg.device:
+            log.info(
+                "job %s: on GPU %s of %d (device=%s)", name, device.split(":")[-1], count, device
+            )
+            with open_dict(cfg):
+                cfg.device = device
+        return _run(cfg, out_dir, run)
 
-    device = job_device(cfg.device, job_num, torch.cuda.device_count())
-    if device != cfg.device:
-        with open_dict(cfg):
-            cfg.device = device
+
+def _run(cfg: DictConfig, out_dir: Path, run: Callable[[DictConfig, Path | None], Any]) -> str:
+    from cifar_run.engine import checkpoint
+    from cifar_run.errors import UserError
+
+    name = Path(out_dir).name
     if checkpoint.state_path(out_dir).exists() and not (cfg.resume or cfg.dry_run):
         # An interrupted job continues from its last finished epoch instead of starting over
         # (run() still refuses if the job's config has changed since).

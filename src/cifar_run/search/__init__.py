@@ -1,0 +1,1 @@
+"""Hyperparameter search: an Optuna study run as a Hydra sweep (hydra/sweeper=optuna)."""
