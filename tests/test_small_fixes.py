@@ -15,6 +15,7 @@ from cifar_run.config.checks import validate
 from cifar_run.engine.optim import build_scheduler, milestone_epochs
 from cifar_run.errors import UserError
 from cifar_run.outputs import files as report
+from cifar_run.run import run
 
 from .conftest import TINY, compose_cfg, read_results, run_cli
 
@@ -115,6 +116,33 @@ def test_results_say_the_images_held_out_and_the_memory_format(tmp_path: Path) -
     log = (run_dir / "cifar-run.log").read_text()
     assert f"memory format {results['memory_format']}" in log
     # speed=plain's "contiguous": tests/test_owndata.py's runs.
+
+
+class CrashesInTraining(torch.nn.Module):
+    """A model that takes the data's images at dry-run check time and fails its first
+    training step, after the data has loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("simulated crash")
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_run_failing_after_the_data_loaded_records_what_was_held_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cifar_run.run.build_model", lambda cfg: CrashesInTraining())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose_cfg(TINY), tmp_path / "run")
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and results["error"] == "simulated crash"
+    assert results["val_size"] == 10 and len(results["classes"]) == 10
+    assert results["image_size"] == 32
+    assert results["memory_format"] in ("channels_last", "contiguous")
 
 
 @pytest.mark.parametrize("classes", [3, 12, 100])

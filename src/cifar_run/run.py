@@ -105,7 +105,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     try:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
         job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings, tracker)
-        results.update(_train(job, augment))
+        results.update(_train(job, augment, results))
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -211,12 +211,17 @@ def _loop_data(job: Job, splits: Splits, augment: Any, stats: tuple) -> tuple[Lo
     return data, generators
 
 
-def _train(job: Job, augment: Any) -> dict[str, Any]:
-    """Train, select on validation, test once; then the pruning stage if asked."""
+def _train(job: Job, augment: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """Train, select on validation, test once; then the pruning stage if asked. What the
+    loaded data was goes into `results` (and the running results.json) first, so that a run
+    failing later still records it."""
     cfg = job.cfg
     splits = load_splits(cfg.data)
     mean, std = normalization(cfg.augment.normalize, splits.train.images, cfg.data.name)
     about_data = data_results(splits, mean, std, job.speed.memory_format)
+    results.update(about_data)
+    if job.out_dir is not None:
+        report.write_status(job.out_dir, {**results, "status": "running"})
     log.info(
         "precision %s, %d CPU threads, compile %s, speed: %s, memory format %s",
         job.speed.precision.name,
