@@ -261,8 +261,11 @@ def preflight(argv: list[str]) -> str | None:
     searchpath = search_path.override(entries)
     # The sweep's own settings: hydra/... overrides, and a search's (hparams_search=...).
     sweep_overrides = hydra_overrides + [o.input_line for o in task if o.key_or_group == SEARCH]
+    # Without the launcher and folders, which a dry run does not use (the launcher's plugin
+    # may not even be installed here); those are composed once the jobs prove not all dry.
+    kept = [o for o in sweep_overrides if not dropped_by_dry_run(o)]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        sweep_cfg = _sweep_config([*sweep_overrides, *searchpath])
+        sweep_cfg = _sweep_config([*kept, *searchpath])
         search = is_search(sweep_cfg)
         if search:
             _check_search(sweep_cfg, sweep_overrides, task, multirun)
@@ -271,6 +274,8 @@ def preflight(argv: list[str]) -> str | None:
             raise UserError(f"{sweeps[0]}: several values need multirun; add -m")
         jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
         all_dry = _check_jobs(jobs, options, searchpath, hydra_overrides, multirun)
+        if not all_dry:
+            sweep_cfg = _sweep_config([*sweep_overrides, *searchpath])
         if multirun and not all_dry:
             _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
             # (A search's rerun continues its study instead: cifar_run.search.study.)
