@@ -33,7 +33,7 @@ def test_imagefolder_cache_is_used_and_notices_changes(
     calls = []
     real_decode = data._decode
     monkeypatch.setattr(
-        data, "_decode", lambda paths: calls.append(len(paths)) or real_decode(paths)
+        data, "_decode", lambda paths, *size: calls.append(len(paths)) or real_decode(paths, *size)
     )
     again, _, _ = data.load_imagefolder(root, tmp_path / "cache")
     assert calls == [] and torch.equal(again.images, first.images)

@@ -17,11 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cifar_run.config import search as search_path
 from cifar_run.config.compose import CONF_DIR
 from cifar_run.constants import set_openmp_defaults
 from cifar_run.errors import UserError
 from cifar_run.outputs import sweep
-from cifar_run.preflight import MULTIRUN_FLAGS, preflight
+from cifar_run.preflight import MULTIRUN_FLAGS, dropped_by_dry_run, preflight
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
@@ -37,13 +38,25 @@ def fail(message: str, prog: str = "cifar-run") -> NoReturn:
 
 def _dry_run_without_folders(folder_key: str) -> None:
     """Hydra makes the run or sweep folder (.hydra/, logs, job folders) before any job
-    starts; a dry run writes nothing of its own, so give Hydra a temporary folder and
-    remove it afterwards instead of leaving empty runs under outputs/."""
+    starts; a dry run writes nothing of its own, so give Hydra a temporary folder (in place
+    of any the command names) and remove it afterwards instead of leaving empty runs under
+    outputs/. A launcher the command names is left out too: a dry run checks its jobs here
+    and submits nothing (hydra/launcher=slurm off a cluster would fail, on one it would
+    queue jobs that do nothing)."""
     import shutil
     import tempfile
 
+    dropped = [a for a in sys.argv[1:] if not a.startswith("-") and dropped_by_dry_run(a)]
+    launcher = [a for a in dropped if "launcher" in a.split("=")[0]]
+    if launcher:
+        print(
+            f"cifar-run: dry run: {' '.join(launcher)} not used; the jobs are checked here "
+            "and nothing is submitted",
+            file=sys.stderr,
+            flush=True,
+        )
     folder = tempfile.mkdtemp(prefix="cifar-run-dry-")
-    sys.argv.append(f"{folder_key}={folder}")
+    sys.argv[1:] = [a for a in sys.argv[1:] if a not in dropped] + [f"{folder_key}={folder}"]
     try:
         _hydra_main()
     finally:
@@ -114,11 +127,24 @@ def _stdout_closed() -> NoReturn:
 def main() -> None:
     """Entry point of `cifar-run`."""
     set_openmp_defaults()  # before anything imports torch
-    # Hydra's parser takes overrides as one run of positional arguments, so `-m` between
-    # two overrides (or before an override appended below) is an argparse error: put the
-    # flag first, where it means the same.
-    flags = [a for a in sys.argv[1:] if a in MULTIRUN_FLAGS]
-    sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in MULTIRUN_FLAGS]
+    if sys.argv[1:2] == ["predict"]:  # no override is a bare word: the subcommand
+        from cifar_run.predict import predict_main
+
+        try:
+            predict_main(sys.argv[2:])
+        except BrokenPipeError:  # `cifar-run predict ... | head`
+            _stdout_closed()
+        return
+    # Hydra's parser takes overrides as one run of positional arguments, so `-m` or
+    # `--config-dir DIR` between two overrides (or before an override appended below) is an
+    # argparse error: put the flags first, where they mean the same.
+    try:
+        rest, config_dirs = search_path.split_config_dirs(sys.argv[1:])
+    except UserError as exc:
+        fail(str(exc))
+    flags = [a for a in rest if a in MULTIRUN_FLAGS]
+    front = [*flags[:1], *(f"--config-dir={d}" for d in config_dirs)]
+    sys.argv[1:] = front + [a for a in rest if a not in MULTIRUN_FLAGS]
     if "--version" in sys.argv[1:]:  # Hydra's own flag would print only Hydra's version
         print(version_line("cifar-run"))
         return

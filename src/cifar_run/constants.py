@@ -1,4 +1,4 @@
-"""CIFAR-10 facts, defined once."""
+"""CIFAR-10 and CIFAR-100 facts, defined once."""
 
 import os
 
@@ -19,11 +19,18 @@ CIFAR10_CLASSES = (
 # (0.2023, 0.1994, 0.2010) is a long-lived typo; these are the measured values.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The same for CIFAR-100's 50k training images (augment.normalize=cifar with data=cifar100).
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 # What torchvision's ImageNet weights were trained with (model.weights of resnet18_tv).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-IMAGE_SHAPE = (3, 32, 32)
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR's; an image folder's side is data.image_size
+# Classes of the torchvision sources (data.name), known before anything is loaded; an image
+# folder has one class per folder under train/.
+SOURCE_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_TRAIN_IMAGES = 50_000  # both CIFAR-10 and CIFAR-100
 # Files an image folder's class folders hold (data=imagefolder); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_run.config import search as search_path
 from cifar_run.config.compose import CONF_DIR, groups
 from cifar_run.errors import UserError
 from cifar_run.outputs import sweep
@@ -38,8 +39,6 @@ _HYDRA_ONLY_FLAGS = {
     "-cp",
     "--config-name",
     "-cn",
-    "--config-dir",
-    "-cd",
     "--package",
     "-p",
     "--resolve",
@@ -97,7 +96,27 @@ def _unknown_key(given: str, key: str, base: DictConfig) -> str:
 _ABSENT = object()
 
 
-def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
+def _override_key(override: str) -> str:
+    """`model` of `model=cnn`, `+model.foo=1` -> `model.foo`, `group@pkg=x` -> `group`."""
+    return override.lstrip("+~").split("=")[0].split("@")[0]
+
+
+def _base_config(job: list[str], options: dict[str, list[str]], search: list[str]) -> DictConfig:
+    """The config of the job's group choices alone (model=cnn, experiment=...): what its
+    other keys are checked against, so a wrong key is told the keys of the model chosen.
+    Call inside initialize_config_dir."""
+    from hydra import compose
+
+    chosen = [o for o in job if _override_key(o) in options]
+    for overrides in (chosen, []):
+        try:
+            return compose(config_name="config", overrides=[*overrides, *search])
+        except Exception:  # a choice that does not compose: the defaults name the keys
+            continue
+    return compose(config_name="config")
+
+
+def _check_added_keys(job: list[str], options: dict[str, list[str]], search: list[str]) -> None:
     """`+key=value` may only set keys the config has: an added key would be read by nothing.
 
     (`+group=option` selects an option of a config group and is left alone.)
@@ -105,13 +124,12 @@ def _check_added_keys(job: list[str], options: dict[str, list[str]]) -> None:
     from hydra import compose
 
     added = {
-        o.lstrip("+").split("=")[0]: o
-        for o in job
-        if o.startswith("+") and o.lstrip("+").split("=")[0] not in options
+        _override_key(o): o for o in job if o.startswith("+") and _override_key(o) not in options
     }
     if not added:
         return
-    base = compose(config_name="config", overrides=[o for o in job if o not in added.values()])
+    kept = [o for o in job if o not in added.values()]
+    base = compose(config_name="config", overrides=[*kept, *search])
     for key, given in added.items():
         if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
             raise UserError(_unknown_key(given, key, base))
@@ -142,6 +160,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     from hydra import compose
     from omegaconf import open_dict
 
+    from cifar_run.config.data_keys import follow_data
     from cifar_run.engine.resume import open_resume, refuse_overwrite
     from cifar_run.run import resolve_device
 
@@ -153,8 +172,8 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     _check_can_create("hydra.run.dir", run_dir)
     with open_dict(cfg):
         del cfg["hydra"]
-    if cfg.resume:
-        open_resume(run_dir, cfg, resolve_device(cfg.device))
+    if cfg.resume:  # compared as run() records its config: the data-following keys filled in
+        open_resume(run_dir, follow_data(cfg), resolve_device(cfg.device))
     else:
         refuse_overwrite(run_dir)
 
@@ -179,12 +198,36 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
                 )
 
 
+# Hydra overrides a dry run leaves out: it runs in a temporary folder and submits nothing.
+_DRY_RUN_DROPS = ("hydra.run.dir", "hydra.sweep.dir", "hydra/launcher", "hydra.launcher")
+
+
+def dropped_by_dry_run(override: str) -> bool:
+    """An override naming the run or sweep folder or the launcher: a dry run leaves it out."""
+    key = _override_key(override)
+    return any(key == d or key.startswith(f"{d}.") for d in _DRY_RUN_DROPS)
+
+
+def _search_entries(parsed: list, config_dirs: list[str]) -> list[str]:
+    """The search-path entries of a --config-dir folder and a hydra.searchpath override."""
+    listed: list[str] = []
+    for o in parsed:
+        if o.key_or_group == "hydra.searchpath":
+            value = o.value()
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{o.input_line}: must be a list of folders, e.g. [file://DIR]")
+            listed = list(value)
+    return search_path.entries(config_dirs, listed)
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job the command line asks for; UserError on a mistake.
+    Configs of one's own (`--config-dir DIR`, `hydra.searchpath=[...]`) are searched as
+    Hydra will search them.
 
-    Returns the Hydra folder key (`hydra.run.dir` or `hydra.sweep.dir`) of a dry run that
-    left it at its default under outputs/ (cli gives such a run a temporary folder), else
-    None."""
+    Returns the Hydra folder key (`hydra.run.dir` or `hydra.sweep.dir`) when every job is a
+    dry run (cli gives it a temporary folder and no launcher), else None."""
+    argv, config_dirs = search_path.split_config_dirs(argv)
     flags = {a.split("=")[0] for a in argv if a.startswith("-")}
     if flags & MULTIRUN_FLAGS and flags & _MODE_FLAGS:
         mode = sorted(flags & _MODE_FLAGS)[-1]
@@ -197,26 +240,32 @@ def preflight(argv: list[str]) -> str | None:
     multirun = bool(flags & MULTIRUN_FLAGS)
     overrides = [a for a in argv if not a.startswith("-")]
 
-    from hydra import compose, initialize_config_dir
+    from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from cifar_run.config.checks import validate
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # the parser's message names the bad override
         raise UserError(str(exc).strip().splitlines()[0]) from None
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    hydra_overrides = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
-    options = groups()
+    entries = _search_entries(parsed, config_dirs)
+    hydra_overrides = [
+        o.input_line
+        for o in parsed
+        if o.key_or_group.startswith("hydra") and o.key_or_group != "hydra.searchpath"
+    ]
+    options = groups(entries)
     _check_group_choices(task, options)
     sweeps = [o.input_line for o in task if o.is_sweep_override()]
+    searchpath = search_path.override(entries)
     # The sweep's own settings: hydra/... overrides, and a search's (hparams_search=...).
     sweep_overrides = hydra_overrides + [o.input_line for o in task if o.key_or_group == SEARCH]
-    all_dry = True
+    # Without the launcher and folders, which a dry run does not use (the launcher's plugin
+    # may not even be installed here); those are composed once the jobs prove not all dry.
+    kept = [o for o in sweep_overrides if not dropped_by_dry_run(o)]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        sweep_cfg = _sweep_config(sweep_overrides)
+        sweep_cfg = _sweep_config([*kept, *searchpath])
         search = is_search(sweep_cfg)
         if search:
             _check_search(sweep_cfg, sweep_overrides, task, multirun)
@@ -224,31 +273,46 @@ def preflight(argv: list[str]) -> str | None:
         elif sweeps and not multirun:
             raise UserError(f"{sweeps[0]}: several values need multirun; add -m")
         jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
-        for job in jobs:
-            try:
-                cfg = compose(config_name="config", overrides=job)
-            except Exception as exc:  # the defaults alone (composed only now) name the known keys
-                raise UserError(_compose_error(exc, job, compose(config_name="config"))) from None
-            _check_added_keys(job, options)
-            check_loggers(cfg)  # a missing package or a bad logger key: every job alike
-            all_dry = all_dry and bool(cfg.dry_run)
-            if not multirun:
-                # In a sweep a bad value fails its own job only; the others still run.
-                validate(cfg)
-                if not cfg.dry_run:
-                    _check_run_folder(job, hydra_overrides)
+        all_dry = _check_jobs(jobs, options, searchpath, hydra_overrides, multirun)
+        if not all_dry:
+            sweep_cfg = _sweep_config([*sweep_overrides, *searchpath])
         if multirun and not all_dry:
             _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
-        # (A search's rerun continues its study instead: cifar_run.search.study.)
-        if (
-            multirun
-            and not search
-            and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides)
-        ):
-            _check_completed_jobs(jobs, hydra_overrides)
-    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    chosen = any(o.startswith(f"{folder_key}=") for o in hydra_overrides)
-    return folder_key if all_dry and not chosen else None
+            # (A search's rerun continues its study instead: cifar_run.search.study.)
+            if not search and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
+                _check_completed_jobs(jobs, [*hydra_overrides, *searchpath])
+    return ("hydra.sweep.dir" if multirun else "hydra.run.dir") if all_dry else None
+
+
+def _check_jobs(
+    jobs: list[list[str]],
+    options: dict[str, list[str]],
+    searchpath: list[str],
+    hydra_overrides: list[str],
+    multirun: bool,
+) -> bool:
+    """preflight's checks of the composed jobs, inside initialize_config_dir; returns
+    whether every job is a dry run."""
+    from hydra import compose
+
+    from cifar_run.config.checks import validate
+
+    cfgs = []
+    for job in jobs:
+        try:
+            cfgs.append(compose(config_name="config", overrides=[*job, *searchpath]))
+        except Exception as exc:
+            base = _base_config(job, options, searchpath)
+            raise UserError(_compose_error(exc, job, base)) from None
+        _check_added_keys(job, options, searchpath)
+        check_loggers(cfgs[-1])  # a missing package or a bad logger key: every job alike
+    all_dry = all(cfg.dry_run is True for cfg in cfgs)
+    if not multirun:
+        # In a sweep a bad value fails its own job only; the others still run.
+        validate(cfgs[0])
+        if not cfgs[0].dry_run:
+            _check_run_folder(jobs[0], [*hydra_overrides, *searchpath])
+    return all_dry
 
 
 def _sweep_config(sweep_overrides: list[str]) -> DictConfig:
@@ -281,6 +345,7 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
     from hydra import compose
     from omegaconf import open_dict
 
+    from cifar_run.config.data_keys import follow_data
     from cifar_run.engine.resume import run_config_diff
 
     for num, job in enumerate(jobs):
@@ -294,6 +359,10 @@ def _check_completed_jobs(jobs: list[list[str]], hydra_overrides: list[str]) -> 
             continue
         with open_dict(cfg):
             del cfg["hydra"]  # the job's own config, as it would write it
+        try:
+            cfg = follow_data(cfg)  # as run() records it
+        except OSError:  # a data folder that is not there: compared as written
+            pass
         differences = run_config_diff(folder, cfg)
         if differences:
             raise UserError(

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run.config.checks import validate
+from cifar_run.config.data_keys import class_count, follow_data, image_size, size_setting
 from cifar_run.data.augment import build_augment, normalization
 from cifar_run.data.loader import DeviceLoader
 from cifar_run.data.mix import build_mix
@@ -32,8 +33,7 @@ from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.engine.reproducibility import set_deterministic
 from cifar_run.engine.resume import open_resume, refuse_overwrite
 from cifar_run.errors import TrainingDiverged, UserError
-from cifar_run.models import build_model, count_parameters
-from cifar_run.models.summary import layer_summary
+from cifar_run.models import build_model, check_input, count_parameters
 from cifar_run.outputs import atomic
 from cifar_run.outputs import files as report
 from cifar_run.outputs.loggers.tracker import Tracker
@@ -41,7 +41,7 @@ from cifar_run.preview import write_preview
 from cifar_run.prune import curve as prune_curve
 from cifar_run.prune import stage as prune_stage
 from cifar_run.prune.settings import PruningSettings, validate_pruning
-from cifar_run.run_info import base_results, summary_text
+from cifar_run.run_info import base_results, data_results, dry_run_text
 from cifar_run.speed.settings import SpeedSettings
 from cifar_run.speed.setup import Speed, speed_setup
 from cifar_run.speed.threads import set_threads
@@ -67,6 +67,7 @@ def seed_everything(seed: int) -> None:
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
     validate(cfg)
+    cfg = follow_data(cfg)  # the model keys that follow the data, as config.yaml records them
     settings = validate_pruning(cfg.prune, cfg.pruning)
     speed_settings = SpeedSettings.from_config(cfg.get("speed"))
     set_threads(cfg.get("threads"))  # parallel sweep jobs share the cores
@@ -79,6 +80,8 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         return done
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
+    side, size_key = image_size(cfg.data), size_setting(cfg.data)
+    check_input(model, side, class_count(cfg.data), str(cfg.model.name), size_key)
     # Before dry_run's summary, so that a dry run checks the file; a resumed run's weights
     # come from its state.pt instead.
     if cfg.get("ckpt_path") is not None and not cfg.resume:
@@ -87,8 +90,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.lr)
     augment = build_augment(cfg.augment)
     if cfg.dry_run:
-        print(summary_text(cfg, model, params, device), flush=True)
-        print(f"layers:\n{layer_summary(model)}", flush=True)
+        print(dry_run_text(cfg, model, params, device), flush=True)
         return {"status": "dry_run", "params": params}
     if cfg.preview:
         return write_preview(cfg, augment, out_dir)
@@ -103,7 +105,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     try:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
         job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings, tracker)
-        results.update(_train(job, augment))
+        results.update(_train(job, augment, results))
     except BaseException as exc:
         if out_dir is not None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -175,10 +177,10 @@ class Job:
     tracker: Tracker = field(default_factory=Tracker)  # the run's loggers (none by default)
 
 
-def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
-    """The run's batches and losses, and the random generators an epoch draws from."""
-    cfg, speed = job.cfg, job.speed
-    mean, std = normalization(cfg.augment.normalize, splits.train.images)
+def _loop_data(job: Job, splits: Splits, augment: Any, stats: tuple) -> tuple[LoopData, dict]:
+    """The run's batches and losses (`stats`: the normalization's mean and std), and the
+    random generators an epoch draws from."""
+    cfg, speed, (mean, std) = job.cfg, job.speed, stats
     norm = {
         "device": job.device,
         "mean": mean,
@@ -209,20 +211,28 @@ def _loop_data(job: Job, splits: Splits, augment: Any) -> tuple[LoopData, dict]:
     return data, generators
 
 
-def _train(job: Job, augment: Any) -> dict[str, Any]:
-    """Train, select on validation, test once; then the pruning stage if asked."""
+def _train(job: Job, augment: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """Train, select on validation, test once; then the pruning stage if asked. What the
+    loaded data was goes into `results` (and the running results.json) first, so that a run
+    failing later still records it."""
     cfg = job.cfg
     splits = load_splits(cfg.data)
+    mean, std = normalization(cfg.augment.normalize, splits.train.images, cfg.data.name)
+    about_data = data_results(splits, mean, std, job.speed.memory_format)
+    results.update(about_data)
+    if job.out_dir is not None:
+        report.write_status(job.out_dir, {**results, "status": "running"})
     log.info(
-        "precision %s, %d CPU threads, compile %s, speed: %s",
+        "precision %s, %d CPU threads, compile %s, speed: %s, memory format %s",
         job.speed.precision.name,
         torch.get_num_threads(),
         cfg.compile,
         job.speed.describe(),
+        about_data["memory_format"],
     )
-    data, generators = _loop_data(job, splits, augment)
+    data, generators = _loop_data(job, splits, augment, (mean, std))
     loop = _train_epochs(job, data, generators)
-    results = _test(job, data, loop, list(splits.classes))
+    results = {**about_data, **_test(job, data, loop, list(splits.classes))}
     if job.settings.enabled or job.settings.curve:
         results.update(_prune(job, data, generators, results))
     return results

@@ -1,8 +1,9 @@
-"""What a run says about its config: the dry-run summary and the config half of
-results.json (run.py calls these; they only read)."""
+"""What a run says about its config and data: the dry-run summary, the config half of
+results.json and the keys known once the data has loaded (run.py calls these; they only read)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +11,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cifar_run.config.data_keys import class_count, image_size
+from cifar_run.data.sources import Splits
 from cifar_run.engine.precision import resolve_precision
 from cifar_run.engine.reproducibility import environment
+from cifar_run.models.summary import layer_summary
 from cifar_run.prune.settings import validate_pruning
 
 
 def summary_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.device) -> str:
+    side, classes = image_size(cfg.data), class_count(cfg.data)
     lines = [
         f"model: {cfg.model.name} ({type(model).__name__})",
         f"parameters: {params}",
         f"data: {cfg.data.name} (root {cfg.data.root}, val_size {cfg.data.val_size}, "
         f"subset {cfg.data.subset})",
+        f"classes: {classes} (the model's outputs), images {side}x{side}",
         f"augment: {cfg.augment.name} (normalize {cfg.augment.normalize}), mix {_mix_name(cfg)}",
         f"optim: {cfg.optim.name}, lr {cfg.lr}, batch_size {cfg.batch_size}, epochs {cfg.epochs}, "
         f"ema {cfg.get('ema')}",
@@ -40,6 +46,14 @@ def summary_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.d
     if settings.curve:
         lines.append(f"pruning.curve: {', '.join(f'{a:g}' for a in settings.curve)}")
     return "\n".join(lines)
+
+
+def dry_run_text(cfg: DictConfig, model: nn.Module, params: int, device: torch.device) -> str:
+    """What dry_run=true prints: the summary, then the layer table for one image of the
+    data's size."""
+    side = image_size(cfg.data)
+    table = layer_summary(model, (1, 3, side, side))
+    return f"{summary_text(cfg, model, params, device)}\nlayers:\n{table}"
 
 
 def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str, Any]:
@@ -64,7 +78,6 @@ def base_results(cfg: DictConfig, params: int, device: torch.device) -> dict[str
         "mix": cfg.mix.name if cfg.get("mix") is not None else "none",
         "sched": cfg.sched.name,
         "data": cfg.data.name,
-        "val_size": cfg.data.val_size,
         "subset": cfg.data.subset,
         "prune": float(cfg.prune),
         "ckpt_path": _ckpt_path(cfg),
@@ -88,3 +101,18 @@ def _ckpt_path(cfg: DictConfig) -> str | None:
     """`ckpt_path` as an absolute path (results.json outlives the working directory)."""
     path = cfg.get("ckpt_path")
     return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def data_results(
+    splits: Splits, mean: Sequence[float], std: Sequence[float], memory_format: torch.memory_format
+) -> dict[str, Any]:
+    """What the loaded data and the batches were: results.json keys known once data loads.
+    `val_size` is the count of images held out (the config's value may be a fraction)."""
+    return {
+        "val_size": len(splits.val),
+        "classes": list(splits.classes),
+        "image_size": int(splits.train.images.shape[-1]),
+        "normalize_mean": [float(m) for m in mean],
+        "normalize_std": [float(s) for s in std],
+        "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
+    }

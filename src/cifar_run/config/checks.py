@@ -2,12 +2,11 @@
 
 `validate` runs one check per part of the config (top-level keys, then one per group); each
 names the key, the value and what is allowed. Keys of the `model` group are checked by
-model construction, which also happens before any data is loaded.
+building the model on the meta device (`check_model`), last, as it imports torch.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_run.config.data_group import check_data
+from cifar_run.config.data_keys import check_model_keys, follow_data, image_size
 from cifar_run.config.reference import parse_reference
 from cifar_run.config.values import (
     boolean,
@@ -29,15 +30,13 @@ from cifar_run.config.values import (
     positive_number,
     seed_value,
 )
-from cifar_run.constants import IMAGE_SUFFIXES, MIX_MODES, PRECISIONS, TTA_MODES
+from cifar_run.constants import MIX_MODES, PRECISIONS, TTA_MODES
 from cifar_run.errors import UserError
 from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.prune.settings import PruningSettings, validate_pruning
 from cifar_run.speed.settings import SpeedSettings
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-CIFAR10_TRAIN_IMAGES = 50_000
-DATA_SOURCES = ("cifar10", "imagefolder")
 
 # Keys the code reads from each part of the config; removing one (`~seed`) is a mistake.
 REQUIRED_KEYS = {
@@ -83,81 +82,22 @@ def check_device(value: Any) -> None:
             )
 
 
-def _imagefolder_train_images(root: Path) -> int:
-    """Images under root/train/<class>/: a directory listing, nothing is decoded."""
-    return sum(
-        1
-        for d in os.scandir(root / "train")
-        if d.is_dir()
-        for e in os.scandir(d.path)
-        if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
-    )
-
-
-def check_data(data: DictConfig) -> None:
-    """The `data` group: source, folder, split sizes and seeds."""
-    if data.name not in DATA_SOURCES:
-        raise UserError(
-            f"data.name={data.name}: unknown source; allowed: {', '.join(DATA_SOURCES)}"
-        )
-    boolean("data.download", data.download)
-    if data.cache_dir is not None and not isinstance(data.cache_dir, str):
-        raise UserError(f"data.cache_dir={data.cache_dir}: must be a folder path or null")
-    seed_value("data.split_seed", data.split_seed)
-    if data.subset is not None:
-        positive_int("data.subset", data.subset)
-
-    root = None if data.root is None else Path(str(data.root)).expanduser()
-    train_images = None  # known before loading for CIFAR-10 and image folders
-    if data.name == "imagefolder":
-        if root is None or not root.is_dir():
-            raise UserError(
-                f"data.root={data.root}: no such folder; point it at a folder holding "
-                "train/<class>/* and test/<class>/*"
-            )
-        for part in ("train", "test"):
-            if not (root / part).is_dir():
-                raise UserError(
-                    f"data.root={data.root}: no '{part}' folder; expected "
-                    f"{data.root}/train/<class>/*.jpg and {data.root}/test/<class>/*.jpg"
-                )
-        train_images = _imagefolder_train_images(root)
-    else:
-        if root is None:
-            raise UserError("data.root=None: must be the folder holding cifar-10-batches-py/")
-        if not data.download and not root.is_dir():
-            raise UserError(f"data.root={data.root}: no such folder and data.download=false")
-        train_images = CIFAR10_TRAIN_IMAGES
-
-    val = data.val_size
-    if isinstance(val, float):
-        if not 0 < val < 1:
-            raise UserError(
-                f"data.val_size={val}: a fraction must be in (0, 1); or give a count >= 0"
-            )
-    elif not is_int(val) or not 0 <= val < train_images:
-        raise UserError(
-            f"data.val_size={val}: must be a count in [0, {train_images}) (the training set "
-            f"has {train_images} images) or a fraction in (0, 1)"
-        )
-
-
 NORMALIZE = ("cifar", "half", "dataset", "imagenet")
 PADDING_MODES = ("zeros", "reflect")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 
 
-def check_augment(aug: DictConfig) -> None:
-    """The keys of the augment group that the chosen set has."""
+def check_augment(aug: DictConfig, side: int = 32) -> None:
+    """The keys of the augment group that the chosen set has (`side`: of the images)."""
     one_of("augment.normalize", aug.normalize, NORMALIZE)
     if "padding" in aug:
         non_negative_int("augment.padding", aug.padding)
     if "padding_mode" in aug:
         one_of("augment.padding_mode", aug.padding_mode, PADDING_MODES)
-        if aug.padding_mode == "reflect" and aug.get("padding", 0) >= 32:
+        if aug.padding_mode == "reflect" and aug.get("padding", 0) >= side:
             raise UserError(
                 f"augment.padding={aug.padding}: reflect padding must be less than the "
-                "image side (at most 31)"
+                f"image side (at most {side - 1})"
             )
     if "flip" in aug:
         in_range("augment.flip", aug.flip, 0, 1, "a probability in [0, 1]")
@@ -167,8 +107,8 @@ def check_augment(aug: DictConfig) -> None:
         number_pair("augment.scale", aug.scale, 0, 1, "0 < min <= max <= 1 (fractions of the area)")
     if "ratio" in aug:
         number_pair("augment.ratio", aug.ratio, 0, float("inf"), "0 < min <= max (width / height)")
-    if "size" in aug and (not is_int(aug.size) or not 1 <= aug.size <= 32):
-        raise UserError(f"augment.size={aug.size}: must be an integer in 1..32 (pixels)")
+    if "size" in aug and (not is_int(aug.size) or not 1 <= aug.size <= side):
+        raise UserError(f"augment.size={aug.size}: must be an integer in 1..{side} (pixels)")
     if "policy" in aug:
         one_of("augment.policy", aug.policy, AUTOAUGMENT_POLICIES)
     if "num_magnitude_bins" in aug and (
@@ -245,20 +185,10 @@ def check_sched(sched: DictConfig, epochs: int, has_val: bool) -> None:
         in_range(
             "sched.warmup_start_factor", sched.warmup_start_factor, 0, 1, "in (0, 1]", open_lo=True
         )
-    main_epochs = epochs - warmup
     if "step_size" in sched:
         positive_int("sched.step_size", sched.step_size)
     if "milestones" in sched:
-        ms = sched.milestones
-        if (
-            isinstance(ms, str)
-            or not isinstance(ms, Sequence)
-            or not all(is_int(m) and 1 <= m <= main_epochs for m in ms)
-        ):
-            raise UserError(
-                f"sched.milestones={ms}: must be a list of epochs in 1..{main_epochs} "
-                f"(epochs={epochs} minus warmup_epochs={warmup}; counted after warmup)"
-            )
+        _check_milestones(sched.milestones, epochs, warmup)
     if ("step_size" in sched or "milestones" in sched) and interval != "epoch":
         raise UserError(f"sched.interval={interval}: {sched.name} counts epochs; allowed: epoch")
     if "gamma" in sched:
@@ -373,24 +303,32 @@ def check_ckpt_path(value: Any, epochs: int, must_exist: bool = True) -> None:
         )
 
 
-def check_pruning(cfg: DictConfig) -> PruningSettings:
-    """`prune` and the `pruning` group; with a pruning stage, the layer selection too.
+def check_model(cfg: DictConfig) -> Any:
+    """The model, built on the meta device (no memory, no init work, nothing downloaded)
+    with the keys that follow the data filled in: a key the model does not take or an
+    impossible layer is its one-line UserError here, before any data loads or any folder is
+    made. Returns the model, or None when building fails otherwise (a broken model config is
+    then reported where the run builds it)."""
+    import torch
 
-    The selection is checked on a model built on the meta device (no memory, no init work),
-    so an empty one fails here, before any data loads.
-    """
+    from cifar_run.models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(follow_data(cfg).model)
+    except UserError:
+        raise
+    except Exception:
+        return None
+
+
+def check_pruning(cfg: DictConfig, model: Any = None) -> PruningSettings:
+    """`prune` and the `pruning` group; with a pruning stage, the layer selection of `model`
+    (check_model's), so an empty one fails here, before any data loads."""
     settings = validate_pruning(cfg.prune, cfg.get("pruning"))
-    if settings.enabled or settings.curve:
-        import torch
-
-        from cifar_run.models import build_model
+    if (settings.enabled or settings.curve) and model is not None:
         from cifar_run.prune.masks import prunable_parameters
 
-        try:
-            with torch.device("meta"):
-                model = build_model(cfg.model)
-        except Exception:  # a broken model config is reported where the run builds it
-            return settings
         prunable_parameters(model, settings.include_classifier)
     return settings
 
@@ -400,7 +338,8 @@ def validate(cfg: DictConfig) -> None:
     check_structure(cfg)
     check_top_level(cfg)
     check_data(cfg.data)
-    check_augment(cfg.augment)
+    check_model_keys(cfg)
+    check_augment(cfg.augment, image_size(cfg.data))
     check_mix(cfg.get("mix"))
     check_optim(cfg.optim)
     if cfg.epochs > 0:  # with epochs=0 no schedule is built
@@ -416,9 +355,24 @@ def validate(cfg: DictConfig) -> None:
     # sweep, so a typo must fail here, before training.
     parse_reference(cfg.get("reference"))
     check_loggers(cfg)
-    settings = check_pruning(cfg)
+    settings = validate_pruning(cfg.prune, cfg.get("pruning"))  # before torch is imported
     if settings.early_stop is not None and settings.finetune_epochs > 0 and cfg.data.val_size == 0:
         raise UserError(
             f"pruning.early_stop={settings.early_stop}: needs a validation split to watch; "
             "data.val_size=0"
+        )
+    check_pruning(cfg, check_model(cfg))  # last: it imports torch
+
+
+def _check_milestones(ms: Any, epochs: int, warmup: int) -> None:
+    """`sched.milestones`: epochs in 1..epochs - warmup, or fractions of those in (0, 1)."""
+    main_epochs = epochs - warmup
+    listed = not isinstance(ms, str) and isinstance(ms, Sequence)
+    epochs_ok = listed and all(is_int(m) and 1 <= m <= main_epochs for m in ms)
+    fractions_ok = listed and all(isinstance(m, float) and 0 < m < 1 for m in ms)
+    if not (epochs_ok or fractions_ok):
+        raise UserError(
+            f"sched.milestones={ms}: must be a list of epochs in 1..{main_epochs} "
+            f"(epochs={epochs} minus warmup_epochs={warmup}; counted after warmup), or of "
+            "fractions of those in (0, 1), e.g. [0.5, 0.75]"
         )

@@ -48,6 +48,8 @@ LATER_DEFAULTS = {
             "keep_heap",
         )
     },
+    "data.image_size": 32,
+    "model.input_size": 32,
 }
 
 # Keys naming a folder or file, relative to the working directory of the command that set them.

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cifar_run.config.search import group_options
+
 
 def conf_dir() -> Path:
     """`conf/`: inside the package in a wheel, at the repository root in a source checkout."""
@@ -29,10 +31,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def groups() -> dict[str, list[str]]:
-    """Config groups and their options, read from conf/."""
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONF_DIR.iterdir())
-        if d.is_dir() and d.name != "hydra"
-    }
+def groups(search: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Config groups and their options, read from conf/ and the search-path entries `search`
+    (folders of one's own: config.search)."""
+    return group_options(CONF_DIR, search)

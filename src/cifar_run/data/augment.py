@@ -18,7 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cifar_run.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from cifar_run.constants import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
 from cifar_run.errors import UserError
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -269,9 +276,12 @@ def build_augment(cfg: Mapping[str, Any]) -> Augment | None:
 
 
 def normalization(
-    name: str, train_images: torch.Tensor
+    name: str, train_images: torch.Tensor, source: str = "cifar10"
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel for `augment.normalize`."""
+    """(mean, std) per channel for `augment.normalize`; `cifar` is CIFAR-100's statistics
+    for data=cifar100 (`source`, data.name), CIFAR-10's for every other source."""
+    if name == "cifar" and source == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
     if name == "cifar":
         return CIFAR10_MEAN, CIFAR10_STD
     if name == "half":

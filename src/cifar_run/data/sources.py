@@ -1,7 +1,8 @@
-"""Datasets as uint8 tensors: CIFAR-10 via torchvision, image folders decoded once and cached.
+"""Datasets as uint8 tensors: CIFAR-10 and CIFAR-100 via torchvision, image folders decoded
+once (at `data.image_size`) and cached.
 
-Everything downstream sees `Splits`: train / val / test as (N, 3, 32, 32) uint8 images and
-int64 labels. Images are decoded once; an epoch never touches a file.
+Everything downstream sees `Splits`: train / val / test as (N, 3, H, W) uint8 images and
+int64 labels (32x32 for CIFAR). Images are decoded once; an epoch never touches a file.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_run.constants import IMAGE_SHAPE, IMAGE_SUFFIXES
+from cifar_run.constants import CIFAR10_CLASSES, IMAGE_SHAPE
+from cifar_run.data.folders import class_folders, image_files
+from cifar_run.data.images import decode
 from cifar_run.errors import UserError
 from cifar_run.outputs import atomic
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+DEFAULT_SIZE = IMAGE_SHAPE[1]  # data.image_size when the data group has none (CIFAR)
 
 
 @dataclass
 class ArraySplit:
-    """Images as (N, 3, 32, 32) uint8 and labels as (N,) int64."""
+    """Images as (N, 3, H, W) uint8 and labels as (N,) int64."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -53,48 +57,61 @@ class Splits:
 # ---------------------------------------------------------------------------------------------
 # Sources
 
+# data.name -> (torchvision class, the name users know, the archive torchvision downloads)
+CIFAR_SOURCES = {
+    "cifar10": ("CIFAR10", "CIFAR-10", "cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR100", "CIFAR-100", "cifar-100-python.tar.gz"),
+}
 
-def load_cifar10(root: str | os.PathLike, download: bool = True) -> tuple[ArraySplit, ArraySplit]:
-    """CIFAR-10 through `torchvision.datasets.CIFAR10`, downloading into `root` when missing."""
-    from torchvision.datasets import CIFAR10
 
+def load_cifar(
+    name: str, root: str | os.PathLike, download: bool = True
+) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """CIFAR-10 or CIFAR-100 (`name`: cifar10, cifar100; CIFAR-100 with its 100 fine labels)
+    through torchvision.datasets, downloading into `root` when missing."""
+    import torchvision.datasets
+
+    cls_name, title, archive = CIFAR_SOURCES[name]
+    dataset = getattr(torchvision.datasets, cls_name)
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
+        train = dataset(str(root), train=True, download=download)
+        test = dataset(str(root), train=False, download=download)
     except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"data.root={root}: CIFAR-10 is not there and could not be downloaded ({reason}); "
-            "put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into "
+            f"data.root={root}: {title} is not there and could not be downloaded ({reason}); "
+            f"put {archive} (https://www.cs.toronto.edu/~kriz/cifar.html) into "
             "that folder, or use data=imagefolder data.root=<folder with train/ and test/>"
         ) from None
 
-    def to_split(ds: CIFAR10) -> ArraySplit:
+    def to_split(ds: Any) -> ArraySplit:
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         return ArraySplit(images, torch.as_tensor(ds.targets, dtype=torch.int64))
 
-    return to_split(train), to_split(test)
+    classes = list(CIFAR10_CLASSES) if name == "cifar10" else list(train.classes)
+    return to_split(train), to_split(test), classes
+
+
+def load_cifar10(root: str | os.PathLike, download: bool = True) -> tuple[ArraySplit, ArraySplit]:
+    """CIFAR-10 through `torchvision.datasets.CIFAR10`, downloading into `root` when missing."""
+    train, test, _ = load_cifar("cifar10", root, download)
+    return train, test
 
 
 def _list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    # Plain strings, not Path objects: a Path per file would cost more than the listing.
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    classes = class_folders(folder)
     items: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            e.path
-            for e in os.scandir(os.path.join(folder, name))
-            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
-        )
-        items.extend((f, label) for f in files)
+        items.extend((f, label) for f in image_files(os.path.join(folder, name)))
     return classes, items
 
 
-def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
-    """Changes when any file is added, removed, renamed, resized or touched.
+def _fingerprint(root: Path, items: list[tuple[str, int]], size: int = DEFAULT_SIZE) -> str:
+    """Changes when any file is added, removed, renamed, resized or touched, and with the
+    size the images are decoded at.
 
-    One stat per file, cheap next to decoding. The hashed text must not change: it names the
-    caches already written, which a change would make every folder decode again.
+    One stat per file, cheap next to decoding. At the default size the hashed text is the
+    one the caches already written are named by, so they stay valid.
     """
     prefix = len(os.path.join(str(root), ""))
     stat = os.stat
@@ -102,39 +119,24 @@ def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
     for path, label in items:
         st = stat(path)
         lines.append(f"{path[prefix:]}|{label}|{st.st_size}|{st.st_mtime_ns}\n")
-    h = hashlib.sha256(f"{CACHE_VERSION}:{root.resolve()}".encode())
+    sized = "" if size == DEFAULT_SIZE else f":{size}x{size}"
+    h = hashlib.sha256(f"{CACHE_VERSION}:{root.resolve()}{sized}".encode())
     h.update("".join(lines).encode())
     return h.hexdigest()[:24]
 
 
-def _decode(paths: list[str]) -> torch.Tensor:
-    """Every image as (N, 3, 32, 32) uint8, decoded by Pillow in this thread.
-
-    One thread on purpose: a 32x32 JPEG decodes so quickly that the per-image Python work
-    between decodes dominates, and in a thread pool the threads mostly wait for the GIL,
-    which makes two threads slower than one.
-    """
-    from PIL import Image
-
-    def one(path: str) -> np.ndarray:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-        if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
-            raise UserError(
-                f"data.root: {path} is {rgb.shape[1]}x{rgb.shape[0]}; images must be 32x32"
-            )
-        return rgb
-
-    if not paths:
-        return torch.empty((0, *IMAGE_SHAPE), dtype=torch.uint8)
-    stacked = np.stack([one(p) for p in paths])
-    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+def _decode(paths: list[str], size: int = DEFAULT_SIZE) -> torch.Tensor:
+    """Every image as (N, 3, size, size) uint8 (data.images.decode)."""
+    return decode(paths, size)
 
 
 def load_imagefolder(
-    root: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+    root: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    image_size: int = DEFAULT_SIZE,
 ) -> tuple[ArraySplit, ArraySplit, list[str]]:
-    """`root/train/<class>/*` and `root/test/<class>/*`, decoded once and cached as uint8."""
+    """`root/train/<class>/*` and `root/test/<class>/*`, decoded once at `image_size` x
+    `image_size` (data.images: others resized) and cached as uint8."""
     root = Path(root).expanduser()
     for part in ("train", "test"):
         if not (root / part).is_dir():
@@ -152,7 +154,7 @@ def load_imagefolder(
             f"({classes} vs {test_classes})"
         )
 
-    key = _fingerprint(root, train_items + test_items)
+    key = _fingerprint(root, train_items + test_items, image_size)
     cache = Path(cache_dir).expanduser() / f"imagefolder-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         try:
@@ -168,16 +170,18 @@ def load_imagefolder(
             log.warning("ignoring unreadable cache %s (%s); decoding again", cache, exc)
 
     log.info(
-        "decoding %d images under %s (once; cached afterwards)",
+        "decoding %d images under %s at %dx%d (once; cached afterwards)",
         len(train_items) + len(test_items),
         root,
+        image_size,
+        image_size,
     )
     train = ArraySplit(
-        _decode([p for p, _ in train_items]),
+        _decode([p for p, _ in train_items], image_size),
         torch.tensor([label for _, label in train_items], dtype=torch.int64),
     )
     test = ArraySplit(
-        _decode([p for p, _ in test_items]),
+        _decode([p for p, _ in test_items], image_size),
         torch.tensor([label for _, label in test_items], dtype=torch.int64),
     )
     if cache is not None:
@@ -280,17 +284,16 @@ def load_data(
     split_seed: int,
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
+    image_size: int = DEFAULT_SIZE,
 ) -> Splits:
     """Load the named source and split it into train / val / test."""
-    if name == "cifar10":
-        train, test = load_cifar10(root, download=download)
-        from cifar_run.constants import CIFAR10_CLASSES
-
-        classes: Sequence[str] = CIFAR10_CLASSES
+    if name in CIFAR_SOURCES:
+        train, test, classes = load_cifar(name, root, download=download)
     elif name == "imagefolder":
-        train, test, classes = load_imagefolder(root, cache_dir)
+        train, test, classes = load_imagefolder(root, cache_dir, image_size)
     else:
-        raise UserError(f"data.name={name}: unknown source; allowed: cifar10, imagefolder")
+        allowed = ", ".join([*CIFAR_SOURCES, "imagefolder"])
+        raise UserError(f"data.name={name}: unknown source; allowed: {allowed}")
     return make_splits(
         train, test, classes, val_size=val_size, subset=subset, split_seed=split_seed
     )
@@ -307,6 +310,7 @@ def load_splits(data: Mapping[str, Any]) -> Splits:
         split_seed=data["split_seed"],
         cache_dir=data["cache_dir"],
         download=data["download"],
+        image_size=data.get("image_size", DEFAULT_SIZE),
     )
     log.info(
         "data: %d train / %d val / %d test images (%.1f s)",

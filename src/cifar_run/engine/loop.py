@@ -195,25 +195,28 @@ def evaluate(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     k = num_classes or 0
-    # Counted by comparison with every (true, predicted) code rather than by bincount or
-    # scatter, so that deterministic=true has nothing to refuse on CUDA; 1000 x 100 compares.
-    codes = torch.arange(k * k, device=device)
-    counts = torch.zeros(k * k, device=device, dtype=torch.long)
+    # (true, predicted) pairs as one code each, kept on the device and counted on the CPU at
+    # the end (torch.bincount there is deterministic, so deterministic=true has nothing to
+    # refuse on CUDA, and memory stays one integer per image whatever the class count).
+    codes: list[torch.Tensor] = []
     n = 0
     for x, y in batches:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             out = model(x)
             if tta == "flip":
                 out = (out.float() + model(x.flip(3)).float()) / 2
+        if k and out.shape[1] != k:
+            raise ValueError(f"the model gives {out.shape[1]} outputs for {k} classes")
         loss_sum += criterion(out.float(), y) * y.shape[0]
         pred = out.argmax(1)
         correct += (pred == y).sum()
         if k:
-            counts += ((y * k + pred).unsqueeze(1) == codes).sum(0)
+            codes.append(y * k + pred)
         n += y.shape[0]
     stats = _stats(loss_sum, correct, n, t0)
     if k:
-        stats.confusion = counts.view(k, k).cpu()
+        seen = torch.cat(codes).cpu() if codes else torch.zeros(0, dtype=torch.long)
+        stats.confusion = torch.bincount(seen, minlength=k * k).view(k, k)
     return stats
 
 

@@ -123,6 +123,9 @@ def build_scheduler(
         for key in _LENGTH_ARGS:
             if key in spec and spec[key] is None:
                 spec[key] = epochs * unit - warmup_steps
+        if "milestones" in spec:
+            main_epochs = epochs - int(cfg.get("warmup_epochs", 0))
+            spec["milestones"] = milestone_epochs(spec["milestones"], main_epochs)
         extra = {"mode": PLATEAU_MODES[monitor]} if monitor is not None else {}
         main = hydra.utils.instantiate(spec, _convert_="all")(optimizer, **extra)
 
@@ -131,3 +134,13 @@ def build_scheduler(
     if warmup is not None and main is not None:
         main = SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
     return Schedule(main if main is not None else warmup, interval)
+
+
+def milestone_epochs(milestones: Iterable[int | float], main_epochs: int) -> list[int]:
+    """`sched.milestones` as epochs after warmup: epochs as given, or fractions of the
+    `main_epochs` after warmup rounded to the nearest epoch (at least 1), so the default
+    [0.5, 0.75] fits a run of any length."""
+    values = list(milestones)
+    if all(isinstance(m, float) for m in values) and values:
+        return [max(1, round(m * main_epochs)) for m in values]
+    return [int(m) for m in values]

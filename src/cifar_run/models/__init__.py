@@ -7,11 +7,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import hydra.utils
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_run.errors import UserError
+
+# Model keys whose null means "from the data" (config.data_keys fills them in before a run
+# builds its model); a null still here is left out, so the class's own default applies.
+DATA_KEYS = ("num_classes", "input_size")
 
 
 def build_model(model_cfg: DictConfig | Mapping[str, Any]) -> nn.Module:
@@ -27,6 +32,9 @@ def build_model(model_cfg: DictConfig | Mapping[str, Any]) -> nn.Module:
     else:
         spec = dict(model_cfg)
     name = spec.pop("name", None)
+    for key in DATA_KEYS:
+        if key in spec and spec[key] is None:
+            del spec[key]
     if "_target_" not in spec:
         raise UserError(f"model {name!r}: no _target_ key naming the class to build")
     try:
@@ -48,3 +56,35 @@ def build_model(model_cfg: DictConfig | Mapping[str, Any]) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """All parameters, trainable or not, as the papers count them."""
     return sum(p.numel() for p in model.parameters())
+
+
+def check_input(
+    model: nn.Module, image_size: int, num_classes: int, name: str, size_key: str
+) -> None:
+    """One blank `image_size` x `image_size` image through `model` (eval mode, no gradients,
+    the mode restored): a model that cannot take that size, or that gives another number of
+    outputs than the data has classes, is a one-line UserError before any training, naming
+    `size_key` (the setting the size comes from, e.g. `data.image_size=64`)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except (RuntimeError, ValueError) as exc:  # the shape errors of torch's layers
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(
+            f"{size_key}: model {name} cannot take {image_size}x{image_size} images ({reason}); "
+            "choose another model or image size"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
+        shape = list(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model={name}: gives outputs of shape {shape} per image, but the data has "
+            f"{num_classes} classes; give the model's config a num_classes key (null = the "
+            "data's count) that its class takes"
+        )

@@ -32,6 +32,9 @@ RESULT_COLUMNS = (
     "test_acc",
     "train_seconds",
 )
+# confusion.png: numbers in the cells up to this many classes; at most this many inches a side.
+CONFUSION_NUMBERS = 20
+CONFUSION_MAX_INCHES = 12.0
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -125,6 +128,7 @@ def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     for metric, ylabel, name in (
@@ -133,7 +137,10 @@ def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(epochs, [r[f"train_{metric}"] for r in rows], marker="o", label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker="o", label="validation")
+        val = [r[f"val_{metric}"] for r in rows]
+        if any(_finite(v) for v in val):  # data.val_size=0 validates nothing: no such line
+            ax.plot(epochs, val, marker="o", label="validation")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} {name}".strip())
@@ -203,9 +210,12 @@ def plot_confusion(
 
     k = len(classes)
     share = [[100.0 * c / max(1, sum(row)) for c in row] for row in confusion]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.6 + 0.6 * k))
+    # Cells grow with the class count up to a size that stays on a screen; past
+    # CONFUSION_NUMBERS classes the colours alone tell the shares (the numbers are in the CSV).
+    side = min(CONFUSION_MAX_INCHES, 0.6 * k)
+    fig, ax = plt.subplots(figsize=(1.0 + side, 0.6 + side))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
-    for i in range(k):
+    for i in range(k if k <= CONFUSION_NUMBERS else 0):
         for j in range(k):
             ax.text(
                 j,
@@ -216,11 +226,18 @@ def plot_confusion(
                 fontsize=7,
                 color="white" if share[i][j] > 50 else "black",
             )
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    small = {} if k <= CONFUSION_NUMBERS else {"fontsize": 5}
+    ax.set_xticks(
+        range(k), classes, rotation=45 if k <= CONFUSION_NUMBERS else 90, ha="right", **small
+    )
+    ax.set_yticks(range(k), classes, **small)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"{title} test confusion (% of each true class)".strip())
     fig.tight_layout()
     atomic.save_figure(fig, out_dir / "confusion.png")
     plt.close(fig)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

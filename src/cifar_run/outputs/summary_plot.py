@@ -1,8 +1,10 @@
 """summary.png: test accuracy against each swept numeric key, and every run's validation loss.
 
-One panel per swept numeric key (one line per value of the other swept keys; with `seed`
-swept, the mean over seeds with the standard deviation as error bar), or a bar per run when
-no swept key is numeric, and the validation-loss curves of every run overlaid.
+One panel per swept numeric key, up to MAX_PANELS (one line per value of the other swept
+keys; with `seed` swept, the mean over seeds with the standard deviation as error bar), or a
+bar per run when no swept key is numeric, and the validation-loss curves of every run
+overlaid: one panel under the other, each legend outside to its right, labels kept short,
+so the figure keeps one width and a bounded height however many runs and keys it shows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ if TYPE_CHECKING:  # pandas and matplotlib load lazily: `cifar-run` must start f
 
     from cifar_run.outputs.run_folders import Run
 
-MAX_LEGEND = 12  # more curves than this get no legend: it would cover the plot
+MAX_LEGEND = 12  # more curves than this get no legend: it would outgrow the figure
+MAX_PANELS = 3  # accuracy panels drawn; further swept numeric keys are named under the figure
+MAX_BARS = 25  # runs in the bar panel (the best by test accuracy); summary.csv has them all
+LABEL_CHARS = 40  # a legend or bar label is cut to this length (summary.csv has it whole)
+PANEL = (6.5, 2.8)  # inches of one panel; its legend goes to its right, outside
+LEGEND_INCHES = 3.5  # room to the right of the panels for the legends
 
 
 class Summary(Protocol):
@@ -29,8 +36,20 @@ class Summary(Protocol):
     runs: list[Run]
 
 
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _label(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
+    """`key=value, ...`, short: dotted keys by their last part, cut at LABEL_CHARS."""
+    text = ", ".join(f"{k.rpartition('.')[2]}={_value(v)}" for k, v in values.items())
+    text = text or "all runs"
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "\u2026"
+
+
+def _legend(ax: Any) -> None:
+    """The panel's legend outside it, to its right, where it covers no curve."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _is_numeric_key(table: pd.DataFrame, key: str) -> bool:
@@ -45,8 +64,7 @@ def _is_numeric_key(table: pd.DataFrame, key: str) -> bool:
 
 
 def _accuracy_panel(ax: Any, summary: Summary, x: str) -> None:
-    table = summary.table
-    done = table[(table["status"] == "completed") & table["test_acc"].notna()]
+    done = _completed(summary)
     # With seed swept, the seeds of one setting make one point: their mean, std as error bar.
     seeds = "seed" in summary.keys and x != "seed"
     others = [k for k in summary.keys if k != x and not (seeds and k == "seed")]
@@ -76,20 +94,27 @@ def _accuracy_panel(ax: Any, summary: Summary, x: str) -> None:
     if not lines:
         ax.text(0.5, 0.5, "no completed runs", ha="center", transform=ax.transAxes)
     elif 1 < lines <= MAX_LEGEND:
-        ax.legend(fontsize="small")
+        _legend(ax)
+
+
+def _completed(summary: Summary) -> pd.DataFrame:
+    table = summary.table
+    return table[(table["status"] == "completed") & table["test_acc"].notna()]
 
 
 def _bar_panel(ax: Any, summary: Summary) -> None:
-    table = summary.table
-    done = table[(table["status"] == "completed") & table["test_acc"].notna()]
+    """A bar per run (the best MAX_BARS by test accuracy, in table order)."""
+    done = _completed(summary)
+    shown = done.loc[done["test_acc"].nlargest(MAX_BARS).index.sort_values()]
     cols = summary.keys + summary.label_columns or ["run"]
-    labels = [_label({c: r[c] for c in cols}) for _, r in done.iterrows()]
-    ax.barh(range(len(done)), done["test_acc"])
-    ax.set_yticks(range(len(done)))
+    labels = [_label({c: r[c] for c in cols}) for _, r in shown.iterrows()]
+    ax.barh(range(len(shown)), shown["test_acc"])
+    ax.set_yticks(range(len(shown)))
     ax.set_yticklabels(labels, fontsize="small")
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
-    ax.set_title("test accuracy")
+    more = f" (the best {len(shown)} of {len(done)} runs)" if len(shown) < len(done) else ""
+    ax.set_title(f"test accuracy{more}")
     ax.grid(alpha=0.3, axis="x")
     if done.empty:
         ax.text(0.5, 0.5, "no completed runs", ha="center", transform=ax.transAxes)
@@ -129,11 +154,13 @@ def _curves_panel(ax: Any, summary: Summary) -> None:
     if not curves:
         ax.text(0.5, 0.5, "no metrics.csv", ha="center", transform=ax.transAxes)
     elif curves <= MAX_LEGEND:
-        ax.legend(fontsize="small")
+        _legend(ax)
 
 
 def plot_summary(summary: Summary, path: Path) -> None:
-    """summary.png: accuracy against each swept numeric key, and the validation-loss curves."""
+    """summary.png: accuracy against each swept numeric key (at most MAX_PANELS), and the
+    validation-loss curves; one panel under the other, legends outside to their right, so the
+    figure stays the same width and on a screen however many runs and keys the sweep has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,13 +169,29 @@ def plot_summary(summary: Summary, path: Path) -> None:
     numeric = [k for k in summary.keys if _is_numeric_key(summary.table, k)]
     if "seed" in numeric and len(summary.keys) > 1:
         numeric.remove("seed")  # seeds become error bars on the other keys' panels
-    panels = len(numeric) or 1
-    fig, axes = plt.subplots(1, panels + 1, figsize=(5.5 * (panels + 1), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], numeric, strict=False):
+    shown, hidden = numeric[:MAX_PANELS], numeric[MAX_PANELS:]
+    width, height = PANEL
+    heights = [height] * len(shown)
+    if not numeric:  # a bar per run: room for each of them, up to MAX_BARS
+        heights.append(max(height, 0.2 * min(MAX_BARS, len(_completed(summary)))))
+    heights.append(height)
+    fig, axes = plt.subplots(
+        len(heights),
+        1,
+        figsize=(width + LEGEND_INCHES, sum(heights) + 0.3),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, key in zip(axes[:, 0], shown, strict=False):
         _accuracy_panel(ax, summary, key)
     if not numeric:
         _bar_panel(axes[0][0], summary)
-    _curves_panel(axes[0][-1], summary)
-    fig.tight_layout()
+    _curves_panel(axes[-1][0], summary)
+    if hidden:
+        fig.suptitle(
+            f"also swept: {', '.join(hidden)} (no panel of their own; see summary.csv)",
+            fontsize="small",
+        )
     atomic.save_figure(fig, path)
     plt.close(fig)
