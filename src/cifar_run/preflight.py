@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_run.config.compose import CONF_DIR, groups
 from cifar_run.errors import UserError
-from cifar_run.outputs import sweep
+from cifar_run.outputs import lock, sweep
 from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.search.checks import check_search, is_search
 
@@ -135,7 +135,8 @@ def _check_can_create(key: str, folder: Path) -> None:
 
 def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     """A single run's folder: with resume=true it must hold a checkpoint of this config;
-    without, it must not hold another run (run() checks both again).
+    without, it must not hold another run (run() checks both again); either way no other
+    cifar-run may be writing into it.
 
     Checked before Hydra starts, which would otherwise first rewrite the folder's .hydra/.
     """
@@ -151,6 +152,7 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     except Exception:  # a folder named by values only a running job knows: run() checks it
         return
     _check_can_create("hydra.run.dir", run_dir)
+    lock.refuse_if_in_use(run_dir, "hydra.run.dir")  # FolderLock takes it before Hydra writes
     with open_dict(cfg):
         del cfg["hydra"]
     if cfg.resume:
@@ -179,6 +181,42 @@ def _check_group_choices(parsed: list, options: dict[str, list[str]]) -> None:
                 )
 
 
+def _parse(overrides: list[str]) -> list:
+    """Hydra's parse of the command line's overrides; one it refuses is a UserError naming
+    its key (Hydra's own message names the whole override over several lines)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for given in overrides:
+        try:
+            parsed += parser.parse_overrides([given])
+        except Exception as exc:
+            raise UserError(_parse_error(given, exc)) from None
+    return parsed
+
+
+def _parse_error(given: str, exc: BaseException) -> str:
+    lines = [
+        line for line in str(exc).splitlines() if line.strip() and not line.startswith("See ")
+    ]
+    lexer = "LexerNoViableAltException: "
+    if len(lines) > 1 and lines[0].startswith(lexer):  # a caret under the character refused
+        at = len(lines[1]) - 1 - len(lexer)
+        reason = f"{given[at]!r} cannot stand there" if 0 <= at < len(given) else lines[0]
+    elif len(lines) > 1 and lines[0].startswith("Error parsing override"):
+        reason = lines[1].strip()
+    else:  # the parser's own words, e.g. "mismatched input '=' expecting <EOF>"
+        reason = lines[0].strip() if lines else type(exc).__name__
+    key, sep, value = given.partition("=")
+    if not sep:
+        return f"{given}: not an override ({reason}); write key=value"
+    return (
+        f"{key.lstrip('+~')}={value}: Hydra cannot parse this value ({reason}); quote it "
+        f"for Hydra, e.g. \"{key}='{value}'\""
+    )
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job the command line asks for; UserError on a mistake.
 
@@ -199,14 +237,10 @@ def preflight(argv: list[str]) -> str | None:
 
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from cifar_run.config.checks import validate
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # the parser's message names the bad override
-        raise UserError(str(exc).strip().splitlines()[0]) from None
+    parsed = _parse(overrides)
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     hydra_overrides = [o.input_line for o in parsed if o.key_or_group.startswith("hydra")]
     options = groups()
@@ -238,7 +272,9 @@ def preflight(argv: list[str]) -> str | None:
                 if not cfg.dry_run:
                     _check_run_folder(job, hydra_overrides)
         if multirun and not all_dry:
-            _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
+            sweep_dir = Path(sweep_cfg.hydra.sweep.dir)
+            _check_can_create("hydra.sweep.dir", sweep_dir)
+            lock.refuse_if_in_use(sweep_dir, "hydra.sweep.dir")  # FolderLock takes it later
         # (A search's rerun continues its study instead: cifar_run.search.study.)
         if (
             multirun

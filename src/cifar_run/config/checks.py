@@ -7,7 +7,6 @@ model construction, which also happens before any data is loaded.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,8 @@ from cifar_run.config.values import (
     positive_number,
     seed_value,
 )
-from cifar_run.constants import IMAGE_SUFFIXES, MIX_MODES, PRECISIONS, TTA_MODES
+from cifar_run.constants import MIX_MODES, PRECISIONS, TTA_MODES
+from cifar_run.data.folders import list_imagefolder
 from cifar_run.errors import UserError
 from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.prune.settings import PruningSettings, validate_pruning
@@ -83,17 +83,6 @@ def check_device(value: Any) -> None:
             )
 
 
-def _imagefolder_train_images(root: Path) -> int:
-    """Images under root/train/<class>/: a directory listing, nothing is decoded."""
-    return sum(
-        1
-        for d in os.scandir(root / "train")
-        if d.is_dir()
-        for e in os.scandir(d.path)
-        if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
-    )
-
-
 def check_data(data: DictConfig) -> None:
     """The `data` group: source, folder, split sizes and seeds."""
     if data.name not in DATA_SOURCES:
@@ -101,6 +90,8 @@ def check_data(data: DictConfig) -> None:
             f"data.name={data.name}: unknown source; allowed: {', '.join(DATA_SOURCES)}"
         )
     boolean("data.download", data.download)
+    if "strict" in data:  # image folders only: what an unreadable file does
+        boolean("data.strict", data.strict)
     if data.cache_dir is not None and not isinstance(data.cache_dir, str):
         raise UserError(f"data.cache_dir={data.cache_dir}: must be a folder path or null")
     seed_value("data.split_seed", data.split_seed)
@@ -121,7 +112,8 @@ def check_data(data: DictConfig) -> None:
                     f"data.root={data.root}: no '{part}' folder; expected "
                     f"{data.root}/train/<class>/*.jpg and {data.root}/test/<class>/*.jpg"
                 )
-        train_images = _imagefolder_train_images(root)
+        # A directory listing, nothing decoded: also finds empty class folders.
+        train_images = len(list_imagefolder(root).train)
     else:
         if root is None:
             raise UserError("data.root=None: must be the folder holding cifar-10-batches-py/")

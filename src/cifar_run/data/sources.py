@@ -12,14 +12,15 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cifar_run.constants import IMAGE_SHAPE, IMAGE_SUFFIXES
+from cifar_run.constants import IMAGE_SHAPE
+from cifar_run.data.folders import list_imagefolder, no_images
 from cifar_run.errors import UserError
 from cifar_run.outputs import atomic
 
@@ -30,10 +31,12 @@ CACHE_VERSION = 1
 
 @dataclass
 class ArraySplit:
-    """Images as (N, 3, 32, 32) uint8 and labels as (N,) int64."""
+    """Images as (N, 3, 32, 32) uint8 and labels as (N,) int64; `skipped`: the files of the
+    split left out as unreadable (image folders)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -48,6 +51,7 @@ class Splits:
     val: ArraySplit
     test: ArraySplit
     classes: Sequence[str]
+    skipped: Sequence[str] = ()  # unreadable files left out of train and test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,20 +80,6 @@ def load_cifar10(root: str | os.PathLike, download: bool = True) -> tuple[ArrayS
     return to_split(train), to_split(test)
 
 
-def _list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    # Plain strings, not Path objects: a Path per file would cost more than the listing.
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-    items: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        files = sorted(
-            e.path
-            for e in os.scandir(os.path.join(folder, name))
-            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
-        )
-        items.extend((f, label) for f in files)
-    return classes, items
-
-
 def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
     """Changes when any file is added, removed, renamed, resized or touched.
 
@@ -107,94 +97,153 @@ def _fingerprint(root: Path, items: list[tuple[str, int]]) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode(paths: list[str]) -> torch.Tensor:
-    """Every image as (N, 3, 32, 32) uint8, decoded by Pillow in this thread.
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
+        raise UserError(f"data.root: {path} is {rgb.shape[1]}x{rgb.shape[0]}; images must be 32x32")
+    return rgb
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """Why `path` could not be decoded, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file"
+    except OSError:
+        pass
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _decode(paths: list[str], strict: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """(every readable image as (N, 3, 32, 32) uint8, the paths that could not be read),
+    decoded by Pillow in this thread. A file that cannot be read (truncated, empty, not an
+    image) is a UserError naming it with `strict`; otherwise it is left out with a warning.
 
     One thread on purpose: a 32x32 JPEG decodes so quickly that the per-image Python work
     between decodes dominates, and in a thread pool the threads mostly wait for the GIL,
     which makes two threads slower than one.
     """
-    from PIL import Image
+    images, unreadable = [], []
+    for path in paths:
+        try:
+            images.append(_read_image(path))
+        except (UserError, MemoryError):
+            raise
+        except Exception as exc:  # Pillow reports damaged files as OSError, ValueError, ...
+            reason = _unreadable(path, exc)
+            if strict:
+                raise UserError(
+                    f"data.strict=true: cannot read image {path} ({reason}); replace or remove "
+                    "the file, or set data.strict=false to skip unreadable files with a warning"
+                ) from None
+            log.warning("skipping unreadable image %s (%s)", path, reason)
+            unreadable.append(path)
+    if not images:
+        return torch.empty((0, *IMAGE_SHAPE), dtype=torch.uint8), unreadable
+    stacked = np.stack(images)
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))), unreadable
 
-    def one(path: str) -> np.ndarray:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-        if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
-            raise UserError(
-                f"data.root: {path} is {rgb.shape[1]}x{rgb.shape[0]}; images must be 32x32"
-            )
-        return rgb
 
-    if not paths:
-        return torch.empty((0, *IMAGE_SHAPE), dtype=torch.uint8)
-    stacked = np.stack([one(p) for p in paths])
-    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+def _decode_split(
+    folder: Path, classes: list[str], items: list[tuple[str, int]], strict: bool
+) -> ArraySplit:
+    """The images of one split; every class must keep at least one after unreadable files
+    are left out."""
+    images, unreadable = _decode([p for p, _ in items], strict=strict)
+    left_out = set(unreadable)
+    labels = torch.tensor([label for p, label in items if p not in left_out], dtype=torch.int64)
+    if unreadable:
+        present = set(labels.tolist())
+        for label, name in enumerate(classes):
+            if label not in present:
+                raise no_images(str(folder / name), readable=True)
+    return ArraySplit(images, labels, skipped=tuple(unreadable))
+
+
+_CACHE_KEYS = ("xtr", "ytr", "xte", "yte")
+
+
+def _read_cache(cache: Path, num_classes: int) -> tuple[ArraySplit, ArraySplit] | None:
+    """The decoded splits from `cache`, or None with a warning when it cannot be used."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(z[k]) for k in _CACHE_KEYS}
+        splits = (
+            ArraySplit(arrays["xtr"], arrays["ytr"]),
+            ArraySplit(arrays["xte"], arrays["yte"]),
+        )
+        for split in splits:
+            images, labels = split.images, split.labels
+            if (
+                images.dtype != torch.uint8
+                or tuple(images.shape[1:]) != IMAGE_SHAPE
+                or labels.dtype != torch.int64
+                or labels.shape != images.shape[:1]
+                or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes)
+            ):
+                raise ValueError("arrays of the wrong shape or type")
+    except Exception as exc:  # a truncated or damaged file fails in many ways (zip, zlib, ...)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("the decode cache %s cannot be read (%s); decoding the images again", cache, text)
+        return None
+    return splits
+
+
+def _write_cache(cache: Path, train: ArraySplit, test: ArraySplit) -> None:
+    try:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            xtr=train.images.numpy(),
+            ytr=train.labels.numpy(),
+            xte=test.images.numpy(),
+            yte=test.labels.numpy(),
+        )
+        atomic.write_bytes(cache, buf.getvalue())
+    except OSError as exc:  # a read-only or full home must not stop a run
+        log.warning("could not write the decode cache %s (%s)", cache, exc)
 
 
 def load_imagefolder(
-    root: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+    root: str | os.PathLike, cache_dir: str | os.PathLike | None = None, strict: bool = False
 ) -> tuple[ArraySplit, ArraySplit, list[str]]:
-    """`root/train/<class>/*` and `root/test/<class>/*`, decoded once and cached as uint8."""
-    root = Path(root).expanduser()
-    for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise UserError(
-                f"data.root={root}: no '{part}' folder; expected {root}/train/<class>/*.jpg "
-                f"and {root}/test/<class>/*.jpg"
-            )
-    classes, train_items = _list_split(root / "train")
-    test_classes, test_items = _list_split(root / "test")
-    if not classes or not train_items:
-        raise UserError(f"data.root={root}: train/ holds no class folders with images")
-    if test_classes != classes:
-        raise UserError(
-            f"data.root={root}: train/ and test/ have different class folders "
-            f"({classes} vs {test_classes})"
-        )
+    """`root/train/<class>/*` and `root/test/<class>/*`, decoded once and cached as uint8.
 
-    key = _fingerprint(root, train_items + test_items)
+    Unreadable files are left out with a warning (each split's `skipped` names them), or
+    with `strict` stop the load with a UserError. A folder with unreadable files is decoded
+    again every time, never cached, so that every run warns about them.
+    """
+    root = Path(root).expanduser()
+    listing = list_imagefolder(root)
+    classes = listing.classes
+    key = _fingerprint(root, listing.train + listing.test)
     cache = Path(cache_dir).expanduser() / f"imagefolder-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
-        try:
-            with np.load(cache) as z:
-                arrays = {k: torch.from_numpy(z[k]) for k in ("xtr", "ytr", "xte", "yte")}
+        cached = _read_cache(cache, len(classes))
+        if cached is not None:
             log.info("loaded %s from cache %s", root, cache)
-            return (
-                ArraySplit(arrays["xtr"], arrays["ytr"]),
-                ArraySplit(arrays["xte"], arrays["yte"]),
-                classes,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable cache %s (%s); decoding again", cache, exc)
+            return cached[0], cached[1], classes
 
     log.info(
         "decoding %d images under %s (once; cached afterwards)",
-        len(train_items) + len(test_items),
+        len(listing.train) + len(listing.test),
         root,
     )
-    train = ArraySplit(
-        _decode([p for p, _ in train_items]),
-        torch.tensor([label for _, label in train_items], dtype=torch.int64),
-    )
-    test = ArraySplit(
-        _decode([p for p, _ in test_items]),
-        torch.tensor([label for _, label in test_items], dtype=torch.int64),
-    )
-    if cache is not None:
-        try:
-            buf = io.BytesIO()
-            np.savez(
-                buf,
-                xtr=train.images.numpy(),
-                ytr=train.labels.numpy(),
-                xte=test.images.numpy(),
-                yte=test.labels.numpy(),
-            )
-            atomic.write_bytes(cache, buf.getvalue())
-        except OSError as exc:  # a read-only home must not stop a run
-            log.warning("could not write the decode cache %s (%s)", cache, exc)
+    train = _decode_split(root / "train", classes, listing.train, strict)
+    test = _decode_split(root / "test", classes, listing.test, strict)
+    if cache is not None and not (train.skipped or test.skipped):
+        _write_cache(cache, train, test)
     return train, test, classes
-
 
 # ---------------------------------------------------------------------------------------------
 # Subsets and the validation split
@@ -280,20 +329,23 @@ def load_data(
     split_seed: int,
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
+    strict: bool = False,
 ) -> Splits:
-    """Load the named source and split it into train / val / test."""
+    """Load the named source and split it into train / val / test (`strict`: an unreadable
+    file of an image folder is an error rather than left out)."""
     if name == "cifar10":
         train, test = load_cifar10(root, download=download)
         from cifar_run.constants import CIFAR10_CLASSES
 
         classes: Sequence[str] = CIFAR10_CLASSES
     elif name == "imagefolder":
-        train, test, classes = load_imagefolder(root, cache_dir)
+        train, test, classes = load_imagefolder(root, cache_dir, strict=strict)
     else:
         raise UserError(f"data.name={name}: unknown source; allowed: cifar10, imagefolder")
-    return make_splits(
+    splits = make_splits(
         train, test, classes, val_size=val_size, subset=subset, split_seed=split_seed
     )
+    return replace(splits, skipped=(*train.skipped, *test.skipped))
 
 
 def load_splits(data: Mapping[str, Any]) -> Splits:
@@ -307,7 +359,14 @@ def load_splits(data: Mapping[str, Any]) -> Splits:
         split_seed=data["split_seed"],
         cache_dir=data["cache_dir"],
         download=data["download"],
+        strict=bool(data.get("strict", False)),
     )
+    if splits.skipped:
+        log.warning(
+            "%d unreadable image file(s) skipped (each named above; results.json: "
+            "skipped_images); data.strict=true stops at the first instead",
+            len(splits.skipped),
+        )
     log.info(
         "data: %d train / %d val / %d test images (%.1f s)",
         len(splits.train),
