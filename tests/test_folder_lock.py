@@ -120,7 +120,7 @@ def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path: Path) ->
 
 
 def test_default_sweep_folders_of_one_second_differ(tmp_path: Path) -> None:
-    from cifar_run.cli import CONF_DIR
+    from cifar_run.config.compose import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         dirs = [
@@ -139,3 +139,26 @@ def test_default_sweep_folders_of_one_second_differ(tmp_path: Path) -> None:
     for folder in sweeps:
         (job,) = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
         assert read_results(job)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("runs/lr=0.1", "mismatched input '='"),
+        ("runs/#1", "'#' cannot stand there"),
+        ("${nowhere}", "cannot be resolved"),
+    ],
+)
+def test_a_run_folder_hydra_cannot_parse_is_one_line_naming_the_key(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    proc = run_cli(*TINY, f"hydra.run.dir={value}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert lines[0].startswith("cifar-run: error: hydra.run.dir") and reason in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing made
+    if "=" in value:  # the quotes it suggests work
+        quoted = run_cli(*TINY, "data.subset=2", f"hydra.run.dir='{value}'", cwd=tmp_path)
+        assert quoted.returncode == 0, quoted.stderr
+        assert read_results(tmp_path / value)["status"] == "completed"

@@ -162,9 +162,7 @@ def test_a_file_size_limit_of_the_kernel_ends_in_one_line(
     limit = weights + 20_000  # best.pt and last.pt fit; state.pt (weights and momenta) not
     assert len(before) > limit
     code_text = WRAPPER.format(patch=FILE_SIZE_LIMIT.format(limit=limit))
-    proc = run_code(
-        code_text, *RESUMABLE, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path
-    )
+    proc = run_code(code_text, *RESUMABLE, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 74, proc.stderr
     line = _one_line(proc.stderr)
     assert line.startswith(f"cifar-run: error: {state}: File too large;"), line

@@ -61,7 +61,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     where = exits.where
     where.out_dir, where.sweep_dir, where.dry_run = out_dir, sweep_dir, bool(cfg.dry_run)
     if os.getpid() != where.main_pid:
-        _leave_ctrl_c_to_the_main_process()
+        _as_a_sweep_worker()
     try:
         if multirun:
             # A failing job must not stop the sweep: it is recorded, and the summary callback
@@ -82,10 +82,15 @@ def _hydra_main(cfg: DictConfig) -> None:
         _os_error(exc)
 
 
-def _leave_ctrl_c_to_the_main_process() -> None:
-    """A sweep job in a worker process of the launcher (joblib): the terminal's Ctrl-C
-    reaches the whole process group, and the process that started the sweep handles it (it
-    stops its workers and prints the one line), so the worker ignores it."""
+def _as_a_sweep_worker() -> None:
+    """A sweep job in a worker process of the launcher (joblib), which the process that
+    started the sweep stops on Ctrl-C (the terminal's reaches the whole process group): the
+    worker leaves Ctrl-C to it, and the progress bar's lock is a thread lock, because the
+    semaphore tqdm would make under the launcher's start method outlives a stopped worker
+    (Python's resource tracker then warns about it after the one line)."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

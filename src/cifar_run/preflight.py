@@ -197,9 +197,7 @@ def _parse(overrides: list[str]) -> list:
 
 
 def _parse_error(given: str, exc: BaseException) -> str:
-    lines = [
-        line for line in str(exc).splitlines() if line.strip() and not line.startswith("See ")
-    ]
+    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("See ")]
     lexer = "LexerNoViableAltException: "
     if len(lines) > 1 and lines[0].startswith(lexer):  # a caret under the character refused
         at = len(lines[1]) - 1 - len(lexer)
@@ -211,9 +209,12 @@ def _parse_error(given: str, exc: BaseException) -> str:
     key, sep, value = given.partition("=")
     if not sep:
         return f"{given}: not an override ({reason}); write key=value"
+    # The shell's quotes around Hydra's: "key='value'" (a value with a ' of its own needs
+    # Hydra's double quotes instead, which the shell's single quotes then keep).
+    example = f"\"{key}='{value}'\"" if "'" not in value else f"'{key}=\"...\"'"
     return (
         f"{key.lstrip('+~')}={value}: Hydra cannot parse this value ({reason}); quote it "
-        f"for Hydra, e.g. \"{key}='{value}'\""
+        f"for Hydra, e.g. {example}"
     )
 
 

@@ -194,7 +194,9 @@ def _read_cache(cache: Path, num_classes: int) -> tuple[ArraySplit, ArraySplit] 
                 raise ValueError("arrays of the wrong shape or type")
     except Exception as exc:  # a truncated or damaged file fails in many ways (zip, zlib, ...)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("the decode cache %s cannot be read (%s); decoding the images again", cache, text)
+        log.warning(
+            "the decode cache %s cannot be read (%s); decoding the images again", cache, text
+        )
         return None
     return splits
 
@@ -244,6 +246,7 @@ def load_imagefolder(
     if cache is not None and not (train.skipped or test.skipped):
         _write_cache(cache, train, test)
     return train, test, classes
+
 
 # ---------------------------------------------------------------------------------------------
 # Subsets and the validation split

@@ -28,12 +28,13 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
-def _naming(exc: OSError, path: Path, tmp: str | None) -> OSError:
-    """`exc` naming `path` where it names no file or the temp file (a failed write(2) names
-    none): the same errno and so the same OSError subclass (PermissionError, ...)."""
-    if exc.filename not in (None, tmp):
-        return exc
-    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` naming `path` where it names no file (a failed write(2)) or a temp file of
+    `path` (mkstemp, os.replace): the same errno and so the same OSError subclass."""
+    temp = os.path.basename(str(exc.filename or ""))
+    if exc.filename is None or (temp.startswith(f".{path.name}.") and temp.endswith(".tmp")):
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -54,7 +55,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise _naming(exc, path, tmp) from None
+            raise _naming(exc, path) from None
         raise
 
 
