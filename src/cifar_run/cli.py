@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_run import exits
+from cifar_run import exits, interrupts
 from cifar_run.config.compose import CONF_DIR
 from cifar_run.constants import set_openmp_defaults
 from cifar_run.errors import UserError
@@ -149,14 +149,15 @@ def _stdout_closed() -> NoReturn:
 def main() -> None:
     """Entry point of `cifar-run`.
 
-    Ctrl-C raises KeyboardInterrupt wherever the main thread is; it ends here as one line.
-    Once that has begun, and once the outcome is decided and the process only exits (atexit
-    handlers, the logging shutdown), another press would raise again inside that code and end
-    in a traceback: SIGINT is ignored from then on, set by a call to signal.signal as the very
-    first thing (a C function: Python runs a pending handler only once it has returned).
-    Until then Python's own handler stays, so a KeyboardInterrupt that some library swallowed
-    does not leave Ctrl-C dead."""
+    Ctrl-C raises KeyboardInterrupt in the main thread (cifar_run.interrupts); it ends here as
+    one line. Once that has begun, and once the outcome is decided and the process only exits
+    (atexit handlers, the logging shutdown), another press would raise again inside that code
+    and end in a traceback: SIGINT is ignored from then on, set by a call to signal.signal as
+    the very first thing (a C function: Python runs a pending handler only once it has
+    returned). Until then a further press raises again, so a KeyboardInterrupt that some
+    library swallowed does not leave Ctrl-C dead."""
     try:
+        interrupts.install()  # `cifar_run.cli:main` called without __main__.py
         exits.where.main_pid = os.getpid()
         set_openmp_defaults()  # before anything imports torch
         # A log line that cannot be written (a full disk) is dropped: the logging module would
@@ -190,6 +191,7 @@ def _main() -> None:
     if folder_key is not None:
         _dry_run_without_folders(folder_key)
     else:
+        interrupts.to_this_process_only()  # a run or sweep: it may start helper processes
         _hydra_main()
 
 
