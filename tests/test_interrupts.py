@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from cifar_run.speed import halves_process
-
 from .conftest import CLI, TINY, read_results, run_cli, start
 
 # TINY over three epochs, bit-reproducible (as tests/test_resume.py's RESUMABLE).
@@ -160,40 +158,6 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_the_rerun_completes(
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2 and all(read_results(j)["status"] == "completed" for j in jobs)
     assert all(len(_metric_rows(j)) == 40 for j in jobs)
-
-
-def _helper_started(pgid: int) -> bool:
-    """Whether the run in process group `pgid` has started the batch halves' helper."""
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getpgid(int(entry)) == pgid:
-                if b"spawn_main" in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    return True
-        except OSError:  # gone meanwhile
-            pass
-    return False
-
-
-@pytest.mark.skipif(not halves_process.available(), reason="helper processes: Linux on x86-64")
-def test_ctrl_c_while_the_batch_halves_helper_starts(tmp_path: Path) -> None:
-    # The helper starts after 200 steps in halves and then imports torch, for a second or
-    # more: the terminal's Ctrl-C reaches it too (it must not print a traceback of its own).
-    run_dir = tmp_path / "run"
-    args = [*TINY, "data.subset=30", "batch_size=8", "epochs=12", "threads=2"]
-    proc = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path)
-    deadline = time.monotonic() + 300
-    while not _helper_started(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before its helper process started"
-    time.sleep(0.3)  # the helper is importing torch
-    _ctrl_c(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert _one_line(err).startswith("cifar-run: interrupted; resume from the last finished")
-    assert _group_gone(proc.pid)
-    resumed = _resume(args, run_dir, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert read_results(run_dir)["status"] == "completed" and len(_metric_rows(run_dir)) == 12
 
 
 CHAOS_RUNS = 20

@@ -48,8 +48,8 @@ def install() -> None:
 
 def to_this_process_only() -> None:
     """The terminal's Ctrl-C reaches every process of its group, and a helper process still
-    starting up (the batch halves' helper, a sweep's joblib worker: seconds of imports) would
-    print a traceback of its own. So SIGINT is blocked in this (the main) thread, a mask the
+    starting up (a sweep's joblib worker: seconds of imports) would print a traceback of its
+    own. So SIGINT is blocked in this (the main) thread, a mask the
     threads and processes it starts inherit, and taken by a thread that does nothing else:
     Python runs its handler in the main thread all the same, and this process stops its
     helpers. Python's resource tracker, which the helpers need, is started first: starting it
