@@ -140,8 +140,7 @@ def test_an_unreadable_decode_cache_is_decoded_again(
 def test_a_truncated_decode_cache_through_the_cli(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = {"CIFAR_RUN_CACHE": str(cache)}
-    first = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path, env=env)
-    assert first.returncode == 0, first.stderr
+    data.load_imagefolder(TEST_DATA, cache)  # the cache the CLI's run would find
     (npz,) = cache.glob("*.npz")
     npz.write_bytes(npz.read_bytes()[:1000])
     again = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, env=env)
