@@ -7,7 +7,11 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,11 +130,12 @@ def test_os_error_line_names_the_file_and_what_to_do(code: int, advice: str | No
 # Through the CLI
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
 def test_a_refused_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(
-    tmp_path: Path, code: int
+    tmp_path: Path,
 ) -> None:
-    run_dir = tmp_path / "run"
+    # A read-only remount under a running run: the rename of state.pt fails. (What each errno
+    # advises is checked above; a real full disk below.)
+    run_dir, code = tmp_path / "run", errno.EROFS
     code_text = WRAPPER.format(patch=FAIL_SECOND_STATE.format(errno=code))
     proc = run_code(code_text, *RESUMABLE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 74, proc.stderr
@@ -150,25 +155,64 @@ def test_a_refused_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(
     assert read_results(run_dir)["status"] == "completed" and len(_metric_rows(run_dir)) == 3
 
 
-def test_a_file_size_limit_of_the_kernel_ends_in_one_line(
+@contextmanager
+def _small_disk(folder: Path) -> Iterator[bool]:
+    """`folder` as a tmpfs of its own where this process may mount one (root): True; else
+    False, and `folder` is an ordinary folder (the caller then makes writes fail another way)."""
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0 and shutil.which("mount"):
+        mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]
+        mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A run that stopped after epoch 1 (crashed), resumed where state.pt no longer fits.
-    run_dir = tmp_path / "run"
-    _faulty_run(monkeypatch, run_dir, at=STEPS_PER_EPOCH + 2, fault="crash")
-    state = checkpoint.state_path(run_dir)
-    before = state.read_bytes()
-    weights = (run_dir / "checkpoints" / "last.pt").stat().st_size
-    limit = weights + 20_000  # best.pt and last.pt fit; state.pt (weights and momenta) not
-    assert len(before) > limit
-    code_text = WRAPPER.format(patch=FILE_SIZE_LIMIT.format(limit=limit))
-    proc = run_code(code_text, *RESUMABLE, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert proc.returncode == 74, proc.stderr
-    line = _one_line(proc.stderr)
-    assert line.startswith(f"cifar-run: error: {state}: File too large;"), line
-    assert f"resume=true hydra.run.dir={run_dir}" in line
-    assert state.read_bytes() == before and checkpoint.load(state).epoch == 1
-    assert _temps(run_dir) == [] and read_results(run_dir)["status"] == "failed"
+    # A run that stopped after epoch 1 (crashed), resumed where the next checkpoint no longer
+    # fits: on a real full file system (a 4 MiB tmpfs, filled up) where this test may mount
+    # one, else under a file size limit of the kernel (RLIMIT_FSIZE: EFBIG past the limit).
+    with _small_disk(tmp_path / "disk") as mounted:
+        run_dir = tmp_path / "disk" / "run"
+        _faulty_run(monkeypatch, run_dir, at=STEPS_PER_EPOCH + 2, fault="crash")
+        state = checkpoint.state_path(run_dir)
+        before = state.read_bytes()
+        weights = (run_dir / "checkpoints" / "last.pt").stat().st_size
+        filler = tmp_path / "disk" / "filler"
+        if mounted:  # leave room for the small files, not for a checkpoint
+            disk = os.statvfs(filler.parent)
+            filler.write_bytes(b"\0" * (disk.f_bavail * disk.f_frsize - weights // 2))
+            patch, reason = "", os.strerror(errno.ENOSPC)
+        else:  # best.pt and last.pt fit; state.pt (weights and momenta) does not
+            assert len(before) > weights + 20_000
+            patch, reason = FILE_SIZE_LIMIT.format(limit=weights + 20_000), os.strerror(errno.EFBIG)
+        proc = run_code(
+            WRAPPER.format(patch=patch),
+            *RESUMABLE,
+            "resume=true",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 74, proc.stderr
+        line = _one_line(proc.stderr)
+        assert re.fullmatch(
+            rf"cifar-run: error: {re.escape(str(run_dir))}/checkpoints/(best|last|state)\.pt: "
+            rf"{reason}; [^;]+; resume from the last finished epoch: the same command plus "
+            rf"resume=true hydra\.run\.dir={re.escape(str(run_dir))}",
+            line,
+        ), line
+        assert state.read_bytes() == before and checkpoint.load(state).epoch == 1
+        assert _temps(run_dir) == [] and read_results(run_dir)["status"] == "failed"
+
+        filler.unlink(missing_ok=True)  # space again: the run carries on where it stopped
+        resumed = run_cli(*RESUMABLE, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert read_results(run_dir)["status"] == "completed" and len(_metric_rows(run_dir)) == 3
 
 
 # ---------------------------------------------------------------------------------------------
