@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cifar_run.engine import checkpoint
+from cifar_run.outputs import atomic
+
 from .conftest import CLI, TINY, read_results, run_cli, start
 
 # TINY over three epochs, bit-reproducible (as tests/test_resume.py's RESUMABLE).
@@ -76,6 +79,15 @@ def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
     pytest.fail(f"the run ended before printing {text!r}")
 
 
+def _assert_resumable(run_dir: Path) -> None:
+    """The checkpoint the interrupt line points to loads (resuming from it is the chaos
+    test's part), or, where no epoch had finished, the line said so and there is none."""
+    state = checkpoint.state_path(run_dir)
+    if state.exists():
+        assert checkpoint.load(state).epoch >= 1
+    assert not list(run_dir.rglob(atomic.TEMP_PATTERN))
+
+
 def _resume(args: list[str], run_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     """What the interrupt line says to do: resume from the checkpoint, or with none (no
     epoch had finished), the same command again."""
@@ -83,11 +95,12 @@ def _resume(args: list[str], run_dir: Path, cwd: Path) -> subprocess.CompletedPr
     return run_cli(*args, *extra, f"hydra.run.dir={run_dir}", cwd=cwd)
 
 
-@pytest.mark.parametrize("after", [0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0])
+@pytest.mark.parametrize("after", [0.3, 0.8, 1.3, 1.8])
 def test_ctrl_c_while_cifar_run_loads_is_one_line(tmp_path: Path, after: float) -> None:
-    # Hydra and torch take seconds to load. An interrupt inside an import could be swallowed
-    # by the C code importing (the run then went on), or leave a module half imported (the
-    # run then failed later, elsewhere).
+    # Hydra and torch take seconds to load, and the config is composed twice. An interrupt
+    # inside an import could be swallowed by the C code importing (the run then went on), or
+    # leave a module half imported (the run then failed later, elsewhere); one inside Hydra's
+    # config loading could be replaced by an error of Hydra's clean-up code (a traceback).
     run_dir = tmp_path / "run"
     proc = _start([*TINY, f"hydra.run.dir={run_dir}"], tmp_path)
     time.sleep(after)
@@ -100,7 +113,7 @@ def test_ctrl_c_while_cifar_run_loads_is_one_line(tmp_path: Path, after: float) 
         assert read_results(run_dir)["status"] == "failed"
 
 
-@pytest.mark.parametrize("after", [0.0, 0.3, 1.2])
+@pytest.mark.parametrize("after", [0.0, 1.2])
 def test_ctrl_c_right_after_the_data_loads(tmp_path: Path, after: float) -> None:
     run_dir = tmp_path / "run"
     args = [*TINY, "epochs=60"]
@@ -113,9 +126,7 @@ def test_ctrl_c_right_after_the_data_loads(tmp_path: Path, after: float) -> None
     assert _one_line(err).startswith("cifar-run: interrupted; "), err
     assert _group_gone(proc.pid)
     assert read_results(run_dir)["status"] == "failed"
-    resumed = _resume(args, run_dir, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert read_results(run_dir)["status"] == "completed" and len(_metric_rows(run_dir)) == 60
+    _assert_resumable(run_dir)
 
 
 def test_ctrl_c_twice_quickly_is_still_one_line(tmp_path: Path) -> None:
@@ -130,9 +141,8 @@ def test_ctrl_c_twice_quickly_is_still_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     line = _one_line(err)
     assert line.startswith("cifar-run: interrupted; resume from the last finished epoch"), line
-    resumed = _resume(args, run_dir, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert read_results(run_dir)["status"] == "completed"
+    assert read_results(run_dir)["status"] == "failed"
+    assert checkpoint.load(checkpoint.state_path(run_dir)).epoch >= 1
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
@@ -140,11 +150,11 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_the_rerun_completes(
     tmp_path: Path, launcher: str
 ) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", *TINY, "epochs=40", "lr=0.01,0.02", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", *TINY, "epochs=12", "lr=0.01,0.02", f"hydra.sweep.dir={sweep_dir}"]
     if launcher == "parallel":  # two joblib worker processes
         args += ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     proc = _start(args, tmp_path, stdout=subprocess.PIPE)
-    _wait_for_line(proc, "epoch 2/40")  # a job is training
+    _wait_for_line(proc, "epoch 2/12")  # a job is training
     _ctrl_c(proc)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -157,7 +167,7 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_the_rerun_completes(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2 and all(read_results(j)["status"] == "completed" for j in jobs)
-    assert all(len(_metric_rows(j)) == 40 for j in jobs)
+    assert all(len(_metric_rows(j)) == 12 for j in jobs)
 
 
 CHAOS_RUNS = 20

@@ -74,12 +74,22 @@ def _hydra_main(cfg: DictConfig) -> None:
             table = out_dir / "results.md"
             print(table.read_text() if table.is_file() else "", end="")
             print(f"run folder: {out_dir}", flush=True)
-    except UserError as exc:
+    except Exception as exc:
+        _job_error(exc)
+
+
+def _job_error(exc: Exception) -> NoReturn:
+    """An exception out of a run (Hydra would print a traceback): one line where the user can
+    act on it; Ctrl-C where the interrupt was turned into another error on its way out."""
+    if interrupts.pressed():
+        raise KeyboardInterrupt from None
+    if isinstance(exc, UserError):
         fail(str(exc))
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         _stdout_closed()
-    except OSError as exc:
+    if isinstance(exc, OSError):
         _os_error(exc)
+    raise exc
 
 
 def _as_a_sweep_worker() -> None:
@@ -164,13 +174,20 @@ def main() -> None:
         # print a traceback for each.
         logging.raiseExceptions = False
         _main()
+        if interrupts.pressed():  # while Hydra finished up: the press waits to be raised
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _interrupted(exits.where.out_dir, exits.where.sweep_dir, exits.where.dry_run)
-    except BrokenPipeError:  # in Hydra's own printing (--help, --cfg)
-        _stdout_closed()
-    except OSError as exc:  # Hydra's own writes into the run folder
-        _os_error(exc)
+    except Exception as exc:
+        if interrupts.pressed():  # a library's clean-up turned the interrupt into its own error
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _interrupted(exits.where.out_dir, exits.where.sweep_dir, exits.where.dry_run)
+        if isinstance(exc, BrokenPipeError):  # in Hydra's own printing (--help, --cfg)
+            _stdout_closed()
+        if isinstance(exc, OSError):  # Hydra's own writes into the run folder
+            _os_error(exc)
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

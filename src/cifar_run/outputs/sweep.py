@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_run import exits
+from cifar_run import exits, interrupts
 from cifar_run.outputs import files as report
 from cifar_run.outputs import gpus
 
@@ -108,6 +108,8 @@ def _run(cfg: DictConfig, out_dir: Path, run: Callable[[DictConfig, Path | None]
     try:
         result = run(cfg, None if cfg.dry_run else out_dir)
     except Exception as exc:
+        if interrupts.pressed():  # Ctrl-C turned into another error: the sweep stops all the same
+            raise KeyboardInterrupt from None
         message = one_line(exc)
         if isinstance(exc, UserError):
             log.error("job %s failed: %s", name, message)
