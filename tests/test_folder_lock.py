@@ -16,14 +16,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from cifar_run.outputs import lock
+from cifar_run.outputs import folder_lock
 
 from .conftest import CLI, TINY, read_results, run_cli, start, subprocess_env
 
 HOLD = (
     "import sys, time\n"
     "from cifar_run.outputs import lock\n"
-    "lock.acquire(sys.argv[1], 'hydra.run.dir')\n"
+    "folder_lock.acquire(sys.argv[1], 'hydra.run.dir')\n"
     "print('locked', flush=True)\n"
     "time.sleep(600)\n"
 )
@@ -50,25 +50,25 @@ def test_a_held_folder_is_refused_and_freed_when_its_holder_is_killed(tmp_path: 
     holder = _holder(folder)
     try:
         refusal = f"hydra.run.dir={folder}: in use by another cifar-run (pid {holder.pid})"
-        with pytest.raises(lock.FolderInUse, match=re.escape(refusal)):
-            lock.acquire(folder, "hydra.run.dir")
-        with pytest.raises(lock.FolderInUse, match=re.escape(refusal)):
-            lock.refuse_if_in_use(folder, "hydra.run.dir")
+        with pytest.raises(folder_lock.FolderInUse, match=re.escape(refusal)):
+            folder_lock.acquire(folder, "hydra.run.dir")
+        with pytest.raises(folder_lock.FolderInUse, match=re.escape(refusal)):
+            folder_lock.refuse_if_in_use(folder, "hydra.run.dir")
     finally:
         holder.kill()  # SIGKILL: no clean-up of its own
         holder.wait()
-    lock.refuse_if_in_use(folder, "hydra.run.dir")  # the kernel dropped the lock
-    with lock.held(folder, "hydra.run.dir"):
-        assert lock.holds(folder)
-        assert (folder / lock.LOCK_FILE).read_text() == f"{os.getpid()}\n"
-        with lock.held(folder, "hydra.run.dir"):  # held already: kept after the inner block
+    folder_lock.refuse_if_in_use(folder, "hydra.run.dir")  # the kernel dropped the lock
+    with folder_lock.held(folder, "hydra.run.dir"):
+        assert folder_lock.holds(folder)
+        assert (folder / folder_lock.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with folder_lock.held(folder, "hydra.run.dir"):  # held already: kept after the inner block
             pass
-        assert lock.holds(folder)
-    assert not lock.holds(folder)
+        assert folder_lock.holds(folder)
+    assert not folder_lock.holds(folder)
 
 
 def test_a_probe_creates_nothing(tmp_path: Path) -> None:
-    lock.refuse_if_in_use(tmp_path / "new", "hydra.run.dir")
+    folder_lock.refuse_if_in_use(tmp_path / "new", "hydra.run.dir")
     assert not (tmp_path / "new").exists()
 
 
@@ -94,7 +94,7 @@ def test_two_runs_started_at_once_into_one_folder(tmp_path: Path) -> None:
     assert log.count("test acc per class") == 1 and log.count("data: ") == 1
     state = torch.load(run_dir / "checkpoints" / "state.pt", weights_only=True)
     assert state["epoch"] == 3
-    assert (run_dir / lock.LOCK_FILE).read_text() == f"{procs[winner].pid}\n"
+    assert (run_dir / folder_lock.LOCK_FILE).read_text() == f"{procs[winner].pid}\n"
 
 
 def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path: Path) -> None:
@@ -104,8 +104,8 @@ def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path: Path) ->
     try:
         deadline = time.monotonic() + 120
         while first.poll() is None and time.monotonic() < deadline:
-            if (sweep_dir / lock.LOCK_FILE).is_file():
-                if (sweep_dir / lock.LOCK_FILE).read_text().strip() == str(first.pid):
+            if (sweep_dir / folder_lock.LOCK_FILE).is_file():
+                if (sweep_dir / folder_lock.LOCK_FILE).read_text().strip() == str(first.pid):
                     break
             time.sleep(0.01)
         second = run_cli(*args, cwd=tmp_path)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_run.config.compose import CONF_DIR, groups
 from cifar_run.errors import UserError
-from cifar_run.outputs import lock, sweep
+from cifar_run.outputs import folder_lock, sweep
 from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.search.checks import check_search, is_search
 
@@ -152,7 +152,8 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     except Exception:  # a folder named by values only a running job knows: run() checks it
         return
     _check_can_create("hydra.run.dir", run_dir)
-    lock.refuse_if_in_use(run_dir, "hydra.run.dir")  # FolderLock takes it before Hydra writes
+    # FolderLock takes it before Hydra writes
+    folder_lock.refuse_if_in_use(run_dir, "hydra.run.dir")
     with open_dict(cfg):
         del cfg["hydra"]
     if cfg.resume:
@@ -275,7 +276,7 @@ def preflight(argv: list[str]) -> str | None:
         if multirun and not all_dry:
             sweep_dir = Path(sweep_cfg.hydra.sweep.dir)
             _check_can_create("hydra.sweep.dir", sweep_dir)
-            lock.refuse_if_in_use(sweep_dir, "hydra.sweep.dir")  # FolderLock takes it later
+            folder_lock.refuse_if_in_use(sweep_dir, "hydra.sweep.dir")  # FolderLock takes it later
         # (A search's rerun continues its study instead: cifar_run.search.study.)
         if (
             multirun

@@ -34,7 +34,7 @@ from cifar_run.engine.resume import open_run_folder
 from cifar_run.errors import TrainingDiverged
 from cifar_run.models import build_model, count_parameters
 from cifar_run.models.summary import layer_summary
-from cifar_run.outputs import atomic, lock
+from cifar_run.outputs import atomic, folder_lock
 from cifar_run.outputs import files as report
 from cifar_run.outputs.loggers.tracker import Tracker
 from cifar_run.preview import write_preview
@@ -67,7 +67,7 @@ def seed_everything(seed: int) -> None:
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one configuration; write the run folder `out_dir` (None: no files).
 
-    The folder is locked while the run writes into it (outputs/lock.py): a second process
+    The folder is locked while the run writes into it (outputs/folder_lock.py): a second process
     into the same folder is refused with a UserError naming the one that holds it."""
     validate(cfg)
     if out_dir is None or cfg.dry_run:
@@ -75,7 +75,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     if cfg.resume and not out_dir.is_dir():  # nothing to lock: _run says what is missing
         return _run(cfg, out_dir)
-    with lock.held(out_dir, "hydra.run.dir"):
+    with folder_lock.held(out_dir, "hydra.run.dir"):
         for folder in (out_dir, out_dir / checkpoint.STATE_FILE.parent):
             atomic.remove_stale_temps(folder)  # left by a run killed while it wrote
         return _run(cfg, out_dir)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_run import exits
 from cifar_run.errors import UserError
-from cifar_run.outputs import lock, sweep
+from cifar_run.outputs import folder_lock, sweep
 from cifar_run.outputs.run_folders import load_runs
 from cifar_run.outputs.summary import summarize, write_summary
 
@@ -32,7 +32,7 @@ EXIT_JOBS_FAILED = 1
 class FolderLock(Callback):
     """Locks the run folder (hydra.run.dir) or the sweep folder (hydra.sweep.dir) for this
     process before Hydra writes into it (.hydra/, the log), so that a second cifar-run into
-    the same folder is refused before it touches anything (outputs/lock.py)."""
+    the same folder is refused before it touches anything (outputs/folder_lock.py)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _lock(config, "hydra.run.dir")
@@ -51,7 +51,7 @@ def _lock(config: DictConfig, key: str) -> Path:
         text = str(exc).strip()
         exits.fail(f"{key}: cannot be resolved ({text.splitlines()[0] if text else exc!r})")
     try:
-        lock.acquire(folder, key)
+        folder_lock.acquire(folder, key)
     except UserError as exc:  # Hydra would turn an exception here into a warning and go on
         exits.fail(str(exc))
     except OSError as exc:

@@ -4,6 +4,7 @@ The lock is flock(2) on the open file, so the kernel drops it when its process e
 ends (SIGKILL included): a killed run never leaves a stale lock, and the file itself may stay.
 The holder writes its pid into the file, for the line that refuses another process. The
 descriptor is not inherited by the processes a run starts (Python opens it close-on-exec).
+(locks.py has the plain locks between a sweep's jobs; this one names its holder in a refusal.)
 """
 
 from __future__ import annotations
