@@ -22,7 +22,7 @@ from .conftest import CLI, TINY, read_results, run_cli, start, subprocess_env
 
 HOLD = (
     "import sys, time\n"
-    "from cifar_run.outputs import lock\n"
+    "from cifar_run.outputs import folder_lock\n"
     "folder_lock.acquire(sys.argv[1], 'hydra.run.dir')\n"
     "print('locked', flush=True)\n"
     "time.sleep(600)\n"
