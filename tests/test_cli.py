@@ -117,6 +117,7 @@ BAD_INPUTS = [
     ("data.root=/does/not/exist", "data.root=/does/not/exist"),
     ("data.val_size=60000", "data.val_size=60000"),
     ("data.subset=0", "data.subset=0"),
+    ("data.strict=maybe", "data.strict=maybe"),
     ("optim=nope", "optim=nope"),
     ("sched=nope", "sched=nope"),
     ("augment=nope", "augment=nope"),

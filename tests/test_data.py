@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_run.data import folders
 from cifar_run.data import sources as data
 from cifar_run.errors import UserError
 
@@ -33,7 +34,9 @@ def test_imagefolder_cache_is_used_and_notices_changes(
     calls = []
     real_decode = data._decode
     monkeypatch.setattr(
-        data, "_decode", lambda paths, *size: calls.append(len(paths)) or real_decode(paths, *size)
+        data,
+        "_decode",
+        lambda paths, *a, **kw: calls.append(len(paths)) or real_decode(paths, *a, **kw),
     )
     again, _, _ = data.load_imagefolder(root, tmp_path / "cache")
     assert calls == [] and torch.equal(again.images, first.images)
@@ -47,7 +50,7 @@ def test_imagefolder_cache_is_used_and_notices_changes(
 def test_fingerprint_notices_a_touched_file(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     shutil.copytree(TEST_DATA, root)
-    _, items = data._list_split(root / "train")
+    _, items = folders.list_split(root / "train")
     before = data._fingerprint(root, items)
     assert data._fingerprint(root, items) == before  # stable while nothing changes
     path = items[5][0]

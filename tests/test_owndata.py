@@ -145,11 +145,15 @@ def test_mixed_sizes_decode_to_one_size_and_the_cache_keeps_sizes_apart(tmp_path
     assert torch.equal(again.images, train.images)
 
 
-def test_a_corrupt_training_image_is_one_line_naming_it(tmp_path: Path) -> None:
+def test_a_corrupt_training_image_is_skipped_or_with_strict_one_line_naming_it(
+    tmp_path: Path,
+) -> None:
     root = copy_classes(tmp_path / "data", CLASSES_3)
     bad = corrupt(root / "train" / "cat" / "broken.jpg")
-    with pytest.raises(UserError, match=re.escape(f"data.root: {bad}: cannot read it as an image")):
-        sources.load_imagefolder(root, None)
+    train, _, _ = sources.load_imagefolder(root, None, image_size=24)
+    assert train.skipped == (str(bad),) and train.images.shape[1:] == (3, 24, 24)
+    with pytest.raises(UserError, match=re.escape(f"data.strict=true: cannot read image {bad}")):
+        sources.load_imagefolder(root, None, strict=True)
 
 
 def test_num_classes_that_disagrees_with_the_data_is_one_line_before_training(

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_run.config import search as search_path
 from cifar_run.config.compose import CONF_DIR, groups
 from cifar_run.errors import UserError
-from cifar_run.outputs import sweep
+from cifar_run.outputs import folder_lock, sweep
 from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.search.checks import check_search, is_search
 
@@ -153,7 +153,8 @@ def _check_can_create(key: str, folder: Path) -> None:
 
 def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     """A single run's folder: with resume=true it must hold a checkpoint of this config;
-    without, it must not hold another run (run() checks both again).
+    without, it must not hold another run (run() checks both again); either way no other
+    cifar-run may be writing into it.
 
     Checked before Hydra starts, which would otherwise first rewrite the folder's .hydra/.
     """
@@ -170,6 +171,8 @@ def _check_run_folder(job: list[str], hydra_overrides: list[str]) -> None:
     except Exception:  # a folder named by values only a running job knows: run() checks it
         return
     _check_can_create("hydra.run.dir", run_dir)
+    # FolderLock takes it before Hydra writes
+    folder_lock.refuse_if_in_use(run_dir, "hydra.run.dir")
     with open_dict(cfg):
         del cfg["hydra"]
     if cfg.resume:  # compared as run() records its config: the data-following keys filled in
@@ -220,6 +223,43 @@ def _search_entries(parsed: list, config_dirs: list[str]) -> list[str]:
     return search_path.entries(config_dirs, listed)
 
 
+def _parse(overrides: list[str]) -> list:
+    """Hydra's parse of the command line's overrides; one it refuses is a UserError naming
+    its key (Hydra's own message names the whole override over several lines)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for given in overrides:
+        try:
+            parsed += parser.parse_overrides([given])
+        except Exception as exc:
+            raise UserError(_parse_error(given, exc)) from None
+    return parsed
+
+
+def _parse_error(given: str, exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("See ")]
+    lexer = "LexerNoViableAltException: "
+    if len(lines) > 1 and lines[0].startswith(lexer):  # a caret under the character refused
+        at = len(lines[1]) - 1 - len(lexer)
+        reason = f"{given[at]!r} cannot stand there" if 0 <= at < len(given) else lines[0]
+    elif len(lines) > 1 and lines[0].startswith("Error parsing override"):
+        reason = lines[1].strip()
+    else:  # the parser's own words, e.g. "mismatched input '=' expecting <EOF>"
+        reason = lines[0].strip() if lines else type(exc).__name__
+    key, sep, value = given.partition("=")
+    if not sep:
+        return f"{given}: not an override ({reason}); write key=value"
+    # The shell's quotes around Hydra's: "key='value'" (a value with a ' of its own needs
+    # Hydra's double quotes instead, which the shell's single quotes then keep).
+    example = f"\"{key}='{value}'\"" if "'" not in value else f"'{key}=\"...\"'"
+    return (
+        f"{key.lstrip('+~')}={value}: Hydra cannot parse this value ({reason}); quote it "
+        f"for Hydra, e.g. {example}"
+    )
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job the command line asks for; UserError on a mistake.
     Configs of one's own (`--config-dir DIR`, `hydra.searchpath=[...]`) are searched as
@@ -242,12 +282,8 @@ def preflight(argv: list[str]) -> str | None:
 
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # the parser's message names the bad override
-        raise UserError(str(exc).strip().splitlines()[0]) from None
+    parsed = _parse(overrides)
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     entries = _search_entries(parsed, config_dirs)
     hydra_overrides = [
@@ -277,7 +313,9 @@ def preflight(argv: list[str]) -> str | None:
         if not all_dry:
             sweep_cfg = _sweep_config([*sweep_overrides, *searchpath])
         if multirun and not all_dry:
-            _check_can_create("hydra.sweep.dir", Path(sweep_cfg.hydra.sweep.dir))
+            sweep_dir = Path(sweep_cfg.hydra.sweep.dir)
+            _check_can_create("hydra.sweep.dir", sweep_dir)
+            folder_lock.refuse_if_in_use(sweep_dir, "hydra.sweep.dir")  # FolderLock takes it later
             # (A search's rerun continues its study instead: cifar_run.search.study.)
             if not search and any(o.startswith("hydra.sweep.dir=") for o in hydra_overrides):
                 _check_completed_jobs(jobs, [*hydra_overrides, *searchpath])

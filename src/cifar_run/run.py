@@ -31,10 +31,10 @@ from cifar_run.engine.ema import step_function, weight_average
 from cifar_run.engine.loop import LoopData, LoopState, NonFiniteLoss, Plan, cpu_state, fit
 from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.engine.reproducibility import set_deterministic
-from cifar_run.engine.resume import open_resume, refuse_overwrite
-from cifar_run.errors import TrainingDiverged, UserError
+from cifar_run.engine.resume import open_run_folder
+from cifar_run.errors import TrainingDiverged
 from cifar_run.models import build_model, check_input, count_parameters
-from cifar_run.outputs import atomic
+from cifar_run.outputs import atomic, folder_lock
 from cifar_run.outputs import files as report
 from cifar_run.outputs.loggers.tracker import Tracker
 from cifar_run.preview import write_preview
@@ -65,8 +65,23 @@ def seed_everything(seed: int) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
-    """Train and evaluate one configuration; write the run folder `out_dir` (None: no files)."""
+    """Train and evaluate one configuration; write the run folder `out_dir` (None: no files).
+
+    The folder is locked while the run writes into it (outputs/folder_lock.py): a second process
+    into the same folder is refused with a UserError naming the one that holds it."""
     validate(cfg)
+    if out_dir is None or cfg.dry_run:
+        return _run(cfg, out_dir)
+    out_dir = Path(out_dir)
+    if cfg.resume and not out_dir.is_dir():  # nothing to lock: _run says what is missing
+        return _run(cfg, out_dir)
+    with folder_lock.held(out_dir, "hydra.run.dir"):
+        for folder in (out_dir, out_dir / checkpoint.STATE_FILE.parent):
+            atomic.remove_stale_temps(folder)  # left by a run killed while it wrote
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     cfg = follow_data(cfg)  # the model keys that follow the data, as config.yaml records them
     settings = validate_pruning(cfg.prune, cfg.pruning)
     speed_settings = SpeedSettings.from_config(cfg.get("speed"))
@@ -75,7 +90,7 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # what allocates on "the" GPU uses this one too
-    resume_from, done = _open_run_folder(cfg, out_dir, device)
+    resume_from, done = open_run_folder(cfg, out_dir, device)
     if done is not None:
         return done
     seed_everything(cfg.seed)
@@ -97,7 +112,6 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
 
     results = base_results(cfg, params, device)
     if out_dir is not None:
-        out_dir = Path(out_dir)
         if resume_from is None:  # a resumed run keeps the record of how it was started
             atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         report.write_status(out_dir, {**results, "status": "running"})
@@ -106,37 +120,14 @@ def run(cfg: DictConfig, out_dir: Path | None) -> dict[str, Any]:
         speed = speed_setup(model, device, cfg.precision, cfg.compile, speed_settings)
         job = Job(cfg, model, optimizer, speed, device, out_dir, resume_from, settings, tracker)
         results.update(_train(job, augment, results))
+        results = _complete(cfg, results, settings, out_dir)
     except BaseException as exc:
         if out_dir is not None:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            report.write_status(out_dir, {**results, "status": "failed", "error": message})
+            report.mark_failed(out_dir, results, exc)
         tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    results = _complete(cfg, results, settings, out_dir)
     tracker.finish(results)
     return results
-
-
-def _open_run_folder(
-    cfg: DictConfig, out_dir: Path | None, device: torch.device
-) -> tuple[checkpoint.Checkpoint | None, dict[str, Any] | None]:
-    """(the checkpoint to resume from, the results of a run already completed)."""
-    if cfg.dry_run:
-        return None, None
-    if out_dir is None:
-        if cfg.resume:
-            raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
-        return None, None
-    if not cfg.resume:
-        refuse_overwrite(out_dir)
-        return None, None
-    resume_from, done = open_resume(out_dir, cfg, device)
-    if done is not None:
-        print(
-            f"{out_dir}: already completed (test_acc {done.get('test_acc')}); nothing to do",
-            flush=True,
-        )
-    return resume_from, done
 
 
 def _complete(
@@ -233,6 +224,7 @@ def _train(job: Job, augment: Any, results: dict[str, Any]) -> dict[str, Any]:
     data, generators = _loop_data(job, splits, augment, (mean, std))
     loop = _train_epochs(job, data, generators)
     results = {**about_data, **_test(job, data, loop, list(splits.classes))}
+    results["skipped_images"] = len(splits.skipped)  # unreadable files of an image folder
     if job.settings.enabled or job.settings.curve:
         results.update(_prune(job, data, generators, results))
     return results

@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that cannot change a run's numbers, so a resume may differ in them: the resume switch
-# itself, where the decode cache lives, whether downloading is allowed, Hydra's own settings,
+# itself, where the decode cache lives, whether downloading is allowed, whether an unreadable
+# image stops the run (a run that goes on has the same images either way), Hydra's own settings,
 # an experiment's `reference` block (a report's published figures, read by the summary only),
 # the loggers that watch the run.
 # `device` is compared by kind (cpu / cuda) in `engine.resume.check_config`, not by spelling:
@@ -28,6 +29,7 @@ IGNORED_KEYS = (
     "device",
     "data.cache_dir",
     "data.download",
+    "data.strict",
     "hydra",
     "reference",
     "logger",

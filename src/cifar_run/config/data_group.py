@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from cifar_run.config.values import boolean, is_int, positive_int, seed_value
 from cifar_run.constants import CIFAR_TRAIN_IMAGES
-from cifar_run.data.folders import class_folders, count_images
+from cifar_run.data.folders import class_folders, list_imagefolder
 from cifar_run.errors import UserError
 
 DATA_SOURCES = ("cifar10", "cifar100", "imagefolder")
@@ -42,7 +42,8 @@ def _check_image_folder(data: DictConfig, root: Path | None) -> int:
             f"data.root={data.root}: train/ and test/ have different class folders "
             f"({', '.join(missing[:5])} in only one of them); both need the same classes"
         )
-    return count_images(root / "train")
+    # A directory listing, nothing decoded: also finds empty class folders.
+    return len(list_imagefolder(root).train)
 
 
 def check_data(data: DictConfig) -> None:
@@ -52,6 +53,8 @@ def check_data(data: DictConfig) -> None:
             f"data.name={data.name}: unknown source; allowed: {', '.join(DATA_SOURCES)}"
         )
     boolean("data.download", data.download)
+    if "strict" in data:  # image folders only: what an unreadable file does
+        boolean("data.strict", data.strict)
     if data.cache_dir is not None and not isinstance(data.cache_dir, str):
         raise UserError(f"data.cache_dir={data.cache_dir}: must be a folder path or null")
     seed_value("data.split_seed", data.split_seed)

@@ -14,9 +14,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
-
-from cifar_run.errors import UserError
 
 
 @lru_cache(maxsize=8)
@@ -47,27 +44,3 @@ def reason(exc: BaseException) -> str:
     """The first line of an exception's message, or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def decode(paths: list[str], size: int) -> torch.Tensor:
-    """Every image as (N, 3, size, size) uint8, decoded by Pillow in this thread; a file that
-    cannot be read is a UserError naming it.
-
-    One thread on purpose: a 32x32 JPEG decodes so quickly that the per-image Python work
-    between decodes dominates, and in a thread pool the threads mostly wait for the GIL,
-    which makes two threads slower than one.
-    """
-
-    def one(path: str) -> np.ndarray:
-        try:
-            return read_image(path, size)
-        except Exception as exc:  # truncated, not an image, too large: all about the file
-            raise UserError(
-                f"data.root: {path}: cannot read it as an image ({reason(exc)}); "
-                "remove or replace the file"
-            ) from None
-
-    if not paths:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8)
-    stacked = np.stack([one(p) for p in paths])
-    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))

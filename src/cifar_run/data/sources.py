@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from cifar_run.constants import CIFAR10_CLASSES, IMAGE_SHAPE
-from cifar_run.data.folders import class_folders, image_files
-from cifar_run.data.images import decode
+from cifar_run.data.folders import list_imagefolder, no_images
+from cifar_run.data.images import read_image, reason
 from cifar_run.errors import UserError
 from cifar_run.outputs import atomic
 
@@ -34,10 +34,12 @@ DEFAULT_SIZE = IMAGE_SHAPE[1]  # data.image_size when the data group has none (C
 
 @dataclass
 class ArraySplit:
-    """Images as (N, 3, H, W) uint8 and labels as (N,) int64."""
+    """Images as (N, 3, H, W) uint8 and labels as (N,) int64; `skipped`: the files of the
+    split left out as unreadable (image folders)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -52,6 +54,7 @@ class Splits:
     val: ArraySplit
     test: ArraySplit
     classes: Sequence[str]
+    skipped: Sequence[str] = ()  # unreadable files left out of train and test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,14 +101,6 @@ def load_cifar10(root: str | os.PathLike, download: bool = True) -> tuple[ArrayS
     return train, test
 
 
-def _list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    classes = class_folders(folder)
-    items: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        items.extend((f, label) for f in image_files(os.path.join(folder, name)))
-    return classes, items
-
-
 def _fingerprint(root: Path, items: list[tuple[str, int]], size: int = DEFAULT_SIZE) -> str:
     """Changes when any file is added, removed, renamed, resized or touched, and with the
     size the images are decoded at.
@@ -125,78 +120,154 @@ def _fingerprint(root: Path, items: list[tuple[str, int]], size: int = DEFAULT_S
     return h.hexdigest()[:24]
 
 
-def _decode(paths: list[str], size: int = DEFAULT_SIZE) -> torch.Tensor:
-    """Every image as (N, 3, size, size) uint8 (data.images.decode)."""
-    return decode(paths, size)
+def _unreadable(path: str, exc: Exception) -> str:
+    """Why `path` could not be decoded, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file"
+    except OSError:
+        pass
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return reason(exc)
+
+
+def _decode(
+    paths: list[str], size: int = DEFAULT_SIZE, strict: bool = True
+) -> tuple[torch.Tensor, list[str]]:
+    """(every readable image as (N, 3, size, size) uint8, resized by data.images, the paths
+    that could not be read), decoded by Pillow in this thread. A file that cannot be read
+    (truncated, empty, not an image) is a UserError naming it with `strict`; otherwise it is
+    left out with a warning.
+
+    One thread on purpose: a 32x32 JPEG decodes so quickly that the per-image Python work
+    between decodes dominates, and in a thread pool the threads mostly wait for the GIL,
+    which makes two threads slower than one.
+    """
+    images, unreadable = [], []
+    for path in paths:
+        try:
+            images.append(read_image(path, size))
+        except (UserError, MemoryError):
+            raise
+        except Exception as exc:  # Pillow reports damaged files as OSError, ValueError, ...
+            reason = _unreadable(path, exc)
+            if strict:
+                raise UserError(
+                    f"data.strict=true: cannot read image {path} ({reason}); replace or remove "
+                    "the file, or set data.strict=false to skip unreadable files with a warning"
+                ) from None
+            log.warning("skipping unreadable image %s (%s)", path, reason)
+            unreadable.append(path)
+    if not images:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), unreadable
+    stacked = np.stack(images)
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))), unreadable
+
+
+def _decode_split(
+    folder: Path, classes: list[str], items: list[tuple[str, int]], size: int, strict: bool
+) -> ArraySplit:
+    """The images of one split; every class must keep at least one after unreadable files
+    are left out."""
+    images, unreadable = _decode([p for p, _ in items], size, strict=strict)
+    left_out = set(unreadable)
+    labels = torch.tensor([label for p, label in items if p not in left_out], dtype=torch.int64)
+    if unreadable:
+        present = set(labels.tolist())
+        for label, name in enumerate(classes):
+            if label not in present:
+                raise no_images(str(folder / name), readable=True)
+    return ArraySplit(images, labels, skipped=tuple(unreadable))
+
+
+_CACHE_KEYS = ("xtr", "ytr", "xte", "yte")
+
+
+def _read_cache(
+    cache: Path, num_classes: int, size: int
+) -> tuple[ArraySplit, ArraySplit] | None:
+    """The decoded splits from `cache`, or None with a warning when it cannot be used."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(z[k]) for k in _CACHE_KEYS}
+        splits = (
+            ArraySplit(arrays["xtr"], arrays["ytr"]),
+            ArraySplit(arrays["xte"], arrays["yte"]),
+        )
+        for split in splits:
+            images, labels = split.images, split.labels
+            if (
+                images.dtype != torch.uint8
+                or tuple(images.shape[1:]) != (3, size, size)
+                or labels.dtype != torch.int64
+                or labels.shape != images.shape[:1]
+                or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes)
+            ):
+                raise ValueError("arrays of the wrong shape or type")
+    except Exception as exc:  # a truncated or damaged file fails in many ways (zip, zlib, ...)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning(
+            "the decode cache %s cannot be read (%s); decoding the images again", cache, text
+        )
+        return None
+    return splits
+
+
+def _write_cache(cache: Path, train: ArraySplit, test: ArraySplit) -> None:
+    try:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            xtr=train.images.numpy(),
+            ytr=train.labels.numpy(),
+            xte=test.images.numpy(),
+            yte=test.labels.numpy(),
+        )
+        atomic.write_bytes(cache, buf.getvalue())
+    except OSError as exc:  # a read-only or full home must not stop a run
+        log.warning("could not write the decode cache %s (%s)", cache, exc)
 
 
 def load_imagefolder(
     root: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
     image_size: int = DEFAULT_SIZE,
+    strict: bool = False,
 ) -> tuple[ArraySplit, ArraySplit, list[str]]:
     """`root/train/<class>/*` and `root/test/<class>/*`, decoded once at `image_size` x
-    `image_size` (data.images: others resized) and cached as uint8."""
-    root = Path(root).expanduser()
-    for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise UserError(
-                f"data.root={root}: no '{part}' folder; expected {root}/train/<class>/*.jpg "
-                f"and {root}/test/<class>/*.jpg"
-            )
-    classes, train_items = _list_split(root / "train")
-    test_classes, test_items = _list_split(root / "test")
-    if not classes or not train_items:
-        raise UserError(f"data.root={root}: train/ holds no class folders with images")
-    if test_classes != classes:
-        raise UserError(
-            f"data.root={root}: train/ and test/ have different class folders "
-            f"({classes} vs {test_classes})"
-        )
+    `image_size` (data.images: others resized) and cached as uint8.
 
-    key = _fingerprint(root, train_items + test_items, image_size)
+    Unreadable files are left out with a warning (each split's `skipped` names them), or
+    with `strict` stop the load with a UserError. A folder with unreadable files is decoded
+    again every time, never cached, so that every run warns about them.
+    """
+    root = Path(root).expanduser()
+    listing = list_imagefolder(root)
+    classes = listing.classes
+    key = _fingerprint(root, listing.train + listing.test, image_size)
     cache = Path(cache_dir).expanduser() / f"imagefolder-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
-        try:
-            with np.load(cache) as z:
-                arrays = {k: torch.from_numpy(z[k]) for k in ("xtr", "ytr", "xte", "yte")}
+        cached = _read_cache(cache, len(classes), image_size)
+        if cached is not None:
             log.info("loaded %s from cache %s", root, cache)
-            return (
-                ArraySplit(arrays["xtr"], arrays["ytr"]),
-                ArraySplit(arrays["xte"], arrays["yte"]),
-                classes,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable cache %s (%s); decoding again", cache, exc)
+            return cached[0], cached[1], classes
 
     log.info(
         "decoding %d images under %s at %dx%d (once; cached afterwards)",
-        len(train_items) + len(test_items),
+        len(listing.train) + len(listing.test),
         root,
         image_size,
         image_size,
     )
-    train = ArraySplit(
-        _decode([p for p, _ in train_items], image_size),
-        torch.tensor([label for _, label in train_items], dtype=torch.int64),
-    )
-    test = ArraySplit(
-        _decode([p for p, _ in test_items], image_size),
-        torch.tensor([label for _, label in test_items], dtype=torch.int64),
-    )
-    if cache is not None:
-        try:
-            buf = io.BytesIO()
-            np.savez(
-                buf,
-                xtr=train.images.numpy(),
-                ytr=train.labels.numpy(),
-                xte=test.images.numpy(),
-                yte=test.labels.numpy(),
-            )
-            atomic.write_bytes(cache, buf.getvalue())
-        except OSError as exc:  # a read-only home must not stop a run
-            log.warning("could not write the decode cache %s (%s)", cache, exc)
+    train = _decode_split(root / "train", classes, listing.train, image_size, strict)
+    test = _decode_split(root / "test", classes, listing.test, image_size, strict)
+    if cache is not None and not (train.skipped or test.skipped):
+        _write_cache(cache, train, test)
     return train, test, classes
 
 
@@ -285,18 +356,21 @@ def load_data(
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
     image_size: int = DEFAULT_SIZE,
+    strict: bool = False,
 ) -> Splits:
-    """Load the named source and split it into train / val / test."""
+    """Load the named source and split it into train / val / test (`strict`: an unreadable
+    file of an image folder is an error rather than left out)."""
     if name in CIFAR_SOURCES:
         train, test, classes = load_cifar(name, root, download=download)
     elif name == "imagefolder":
-        train, test, classes = load_imagefolder(root, cache_dir, image_size)
+        train, test, classes = load_imagefolder(root, cache_dir, image_size, strict=strict)
     else:
         allowed = ", ".join([*CIFAR_SOURCES, "imagefolder"])
         raise UserError(f"data.name={name}: unknown source; allowed: {allowed}")
-    return make_splits(
+    splits = make_splits(
         train, test, classes, val_size=val_size, subset=subset, split_seed=split_seed
     )
+    return replace(splits, skipped=(*train.skipped, *test.skipped))
 
 
 def load_splits(data: Mapping[str, Any]) -> Splits:
@@ -311,7 +385,14 @@ def load_splits(data: Mapping[str, Any]) -> Splits:
         cache_dir=data["cache_dir"],
         download=data["download"],
         image_size=data.get("image_size", DEFAULT_SIZE),
+        strict=bool(data.get("strict", False)),
     )
+    if splits.skipped:
+        log.warning(
+            "%d unreadable image file(s) skipped (each named above; results.json: "
+            "skipped_images); data.strict=true stops at the first instead",
+            len(splits.skipped),
+        )
     log.info(
         "data: %d train / %d val / %d test images (%.1f s)",
         len(splits.train),

@@ -10,6 +10,7 @@ the data order and augmentation generators, and the resolved config with its has
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,20 +99,48 @@ def save(
     atomic.torch_save(payload, state_path(out_dir))
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException | Warning) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+class _NotLoaded(Exception):
+    """torch.load refused a file; the message is one line, torch's warnings folded in."""
+
+
+def _refusal(exc: Exception, caught: list[warnings.WarningMessage]) -> str:
+    text = str(exc)
+    # The weights-only loader's own advice (weights_only=False) is not an option here; its
+    # line naming what it refused is the part that helps.
+    refused = [line.strip() for line in text.splitlines() if "Unsupported" in line]
+    reason = refused[0] if "Weights only load failed" in text and refused else _reason(exc)
+    notes = [_reason(w.message).split(". ")[0] for w in caught]
+    return "; ".join([reason, *(f"torch warned: {n}" for n in dict.fromkeys(notes))])
+
+
+def _load_file(path: Path) -> Any:
+    """torch.load(weights_only=True) of `path`. torch's warnings are held back while it
+    loads (some refusals come after a warning of several lines): warned again when the file
+    loads, folded into the one line of `_NotLoaded` when it does not."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncation and corruption surface as many exception types
+            raise _NotLoaded(_refusal(exc, caught)) from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return data
 
 
 def _read(path: Path, remedy: str) -> dict[str, Any]:
     """A cifar-run checkpoint file as a dict; anything unreadable is a one-line
     CheckpointError naming the file and `remedy`."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncation and corruption surface as many exception types
+        data = _load_file(path)
+    except _NotLoaded as exc:
         raise CheckpointError(
-            f"{path}: cannot read the checkpoint, it is truncated or corrupt ({_reason(exc)}); "
-            f"{remedy}"
+            f"{path}: cannot read the checkpoint, it is truncated or corrupt ({exc}); {remedy}"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-run checkpoint (format {FORMAT} expected)")
@@ -176,11 +205,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     else is a one-line UserError naming the key, the file and what did not fit."""
     path = Path(path).expanduser()
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file, truncated, or holding arbitrary objects
+        data = _load_file(path)
+    except _NotLoaded as exc:  # not a torch file, truncated, or holding arbitrary objects
         raise UserError(
             f"ckpt_path={path}: cannot read it as a state dict (not a file torch.save wrote, "
-            "truncated, or holding objects other than tensors)"
+            f"truncated, or holding objects other than tensors: {exc})"
         ) from None
     if isinstance(data, dict) and data.get("format") == FORMAT and "model" in data:
         data = data["model"]  # a full-state checkpoint: its current weights

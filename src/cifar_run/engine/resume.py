@@ -105,3 +105,26 @@ def completed_results(out_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return results if isinstance(results, dict) and results.get("status") == "completed" else None
+
+
+def open_run_folder(
+    cfg: DictConfig, out_dir: Path | None, device: torch.device
+) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+    """For a run into `out_dir` (None: no files): (the checkpoint to resume from, the results
+    of a run completed already), after the checks that refuse to resume or to overwrite."""
+    if cfg.dry_run:
+        return None, None
+    if out_dir is None:
+        if cfg.resume:
+            raise UserError("resume=true: needs the run folder to resume (out_dir is None)")
+        return None, None
+    if not cfg.resume:
+        refuse_overwrite(out_dir)
+        return None, None
+    resume_from, done = open_resume(out_dir, cfg, device)
+    if done is not None:
+        print(
+            f"{out_dir}: already completed (test_acc {done.get('test_acc')}); nothing to do",
+            flush=True,
+        )
+    return resume_from, done

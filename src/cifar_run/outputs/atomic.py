@@ -1,13 +1,21 @@
-"""Atomic file writes: a crash at any instant leaves either the old file or the new one."""
+"""Atomic file writes: a crash at any instant leaves either the old file or the new one.
+
+A write that fails (a full disk, no permission, a read-only file system) leaves the old file
+and no temp file, and raises an OSError that names the file written (not its temp file).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+# Temp files are `.<name>.<random>.tmp` beside their target (see _atomic_write).
+TEMP_PATTERN = ".*.tmp"
 
 
 def _current_umask() -> int:
@@ -20,21 +28,43 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` naming `path` where it names no file (a failed write(2)) or a temp file of
+    `path` (mkstemp, os.replace): the same errno and so the same OSError subclass."""
+    temp = os.path.basename(str(exc.filename or ""))
+    if exc.filename is None or (temp.startswith(f".{path.name}.") and temp.endswith(".tmp")):
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file lives in the target folder so os.replace is a same-filesystem rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temp file lives in the target folder so os.replace is a same-filesystem rename.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Delete the temp files a killed writer left in `folder` (a SIGKILL between a temp file's
+    creation and its rename leaves one); only for a folder no other process writes into."""
+    for stale in Path(folder).glob(TEMP_PATTERN):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

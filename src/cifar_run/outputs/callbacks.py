@@ -1,7 +1,8 @@
 """Hydra callbacks (registered in conf/config.yaml under hydra.callbacks).
 
-SweepSummary runs where the multirun started, after every job has returned, whatever the
-launcher (in-process, joblib workers, SLURM nodes): it reads the job folders, so it needs
+FolderLock runs in the process that starts the run or sweep, before Hydra writes into its
+folder. SweepSummary runs where the multirun started, after every job has returned, whatever
+the launcher (in-process, joblib workers, SLURM nodes): it reads the job folders, so it needs
 nothing from the jobs but their files.
 """
 
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cifar_run.outputs import sweep
+from cifar_run import exits
+from cifar_run.errors import UserError
+from cifar_run.outputs import folder_lock, sweep
 from cifar_run.outputs.run_folders import load_runs
 from cifar_run.outputs.summary import summarize, write_summary
 
@@ -24,6 +27,36 @@ log = logging.getLogger(__name__)
 sweep.register_resolvers()  # job folder names; workers that unpickle this callback need it too
 
 EXIT_JOBS_FAILED = 1
+
+
+class FolderLock(Callback):
+    """Locks the run folder (hydra.run.dir) or the sweep folder (hydra.sweep.dir) for this
+    process before Hydra writes into it (.hydra/, the log), so that a second cifar-run into
+    the same folder is refused before it touches anything (outputs/folder_lock.py)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _lock(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = _lock(config, "hydra.sweep.dir")
+        # What Ctrl-C's line names, also where the jobs run in other processes (joblib).
+        exits.where.sweep_dir, exits.where.dry_run = str(folder), bool(config.get("dry_run"))
+
+
+def _lock(config: DictConfig, key: str) -> Path:
+    # Hydra caches ${now:...} per config, so the folder resolved here is the one it makes.
+    try:
+        folder = Path(str(OmegaConf.select(config, key)))
+    except Exception as exc:  # e.g. an interpolation of a key that does not exist
+        text = str(exc).strip()
+        exits.fail(f"{key}: cannot be resolved ({text.splitlines()[0] if text else exc!r})")
+    try:
+        folder_lock.acquire(folder, key)
+    except UserError as exc:  # Hydra would turn an exception here into a warning and go on
+        exits.fail(str(exc))
+    except OSError as exc:
+        exits.fail(exits.os_error_line(exc), status=exits.EXIT_OS_ERROR)
+    return folder
 
 
 class SweepSummary(Callback):
@@ -55,6 +88,12 @@ class SweepSummary(Callback):
             if reference is not None:  # ours beside the report's figures: reference.md
                 print(f"\n{reference}", end="", flush=True)
             log.info("sweep summary: %s", sweep_dir / "summary.md")
+        except OSError as exc:  # a full disk: one line, the jobs' results are safe
+            log.error(
+                "could not write the sweep summary (%s); `cifar-report %s` retries",
+                exits.os_error_line(exc),
+                sweep_dir,
+            )
         except Exception:  # the sweep's results are safe in its job folders; say so loudly
             log.exception("could not write the sweep summary; `cifar-report %s` retries", sweep_dir)
         self._exit_if_failed(failed, len(runs), str(sweep_dir / "summary.md"))

@@ -9,12 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cifar_run.exits import os_error_line
 from cifar_run.outputs import atomic
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 # The one-row results table of a run (accuracies in percent). Later stages add columns.
@@ -101,17 +105,35 @@ def write_status(out_dir: Path, results: Mapping[str, Any]) -> None:
     atomic.write_text(out_dir / "results.json", text + "\n")
 
 
+def mark_failed(out_dir: Path, results: Mapping[str, Any], exc: BaseException) -> None:
+    """results.json says `failed`, with the first line of `exc`; unless it says `completed`
+    already (an interrupt after the results were written). Where this write fails too (a full
+    disk), the file keeps the status it had: `running` claims nothing either."""
+    try:
+        status = json.loads((out_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "completed":
+        return
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        write_status(out_dir, {**results, "status": "failed", "error": message})
+    except OSError as write_error:
+        log.warning("could not mark the run failed: %s", os_error_line(write_error))
+
+
 def write_results(
     out_dir: Path,
     results: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]] | None = None,
     notes: Sequence[str] = (),
 ) -> None:
-    """results.json (everything) and results.csv / results.md (the table rows).
+    """results.csv / results.md (the table rows), then results.json (everything).
 
     `notes` (warnings, e.g. fully pruned layers) are listed under the table in results.md.
+    results.json comes last: its status is what says a run completed, so a write that fails
+    before it (a full disk) leaves the status it had.
     """
-    write_status(out_dir, results)
     if rows is None:
         rows = [{c: results.get(c) for c in RESULT_COLUMNS}]
     columns = table_columns(rows)
@@ -120,6 +142,7 @@ def write_results(
     if notes:
         text += "\n" + "".join(f"- {note}\n" for note in notes)
     atomic.write_text(out_dir / "results.md", text)
+    write_status(out_dir, results)
 
 
 def plot_curves(out_dir: Path, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:

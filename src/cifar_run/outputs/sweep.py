@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cifar_run import exits, interrupts
 from cifar_run.outputs import files as report
 from cifar_run.outputs import gpus
 
@@ -107,8 +108,13 @@ def _run(cfg: DictConfig, out_dir: Path, run: Callable[[DictConfig, Path | None]
     try:
         result = run(cfg, None if cfg.dry_run else out_dir)
     except Exception as exc:
+        if interrupts.pressed():  # Ctrl-C turned into another error: the sweep stops all the same
+            raise KeyboardInterrupt from None
         message = one_line(exc)
         if isinstance(exc, UserError):
+            log.error("job %s failed: %s", name, message)
+        elif isinstance(exc, OSError):  # a full disk, no permission: the path says it all
+            message = exits.os_error_line(exc)
             log.error("job %s failed: %s", name, message)
         else:  # a crash: keep the traceback in the job's log for whoever debugs it
             log.exception("job %s failed: %s", name, message)
@@ -117,6 +123,9 @@ def _run(cfg: DictConfig, out_dir: Path, run: Callable[[DictConfig, Path | None]
         # (A dry run writes no results, but its failure is recorded too: the exit status.)
         after = results_file.stat().st_mtime_ns if results_file.exists() else None
         if after == before or read_status(out_dir) != "failed":
-            report.write_status(Path(out_dir), {"status": "failed", "error": message})
+            try:
+                report.write_status(Path(out_dir), {"status": "failed", "error": message})
+            except OSError as write_error:  # the summary lists the job as not completed
+                log.error("job %s: %s", name, exits.os_error_line(write_error))
         return "failed"
     return "dry_run" if cfg.dry_run else str((result or {}).get("status", "completed"))
