@@ -188,9 +188,7 @@ def _decode_split(
 _CACHE_KEYS = ("xtr", "ytr", "xte", "yte")
 
 
-def _read_cache(
-    cache: Path, num_classes: int, size: int
-) -> tuple[ArraySplit, ArraySplit] | None:
+def _read_cache(cache: Path, num_classes: int, size: int) -> tuple[ArraySplit, ArraySplit] | None:
     """The decoded splits from `cache`, or None with a warning when it cannot be used."""
     try:
         with np.load(cache, allow_pickle=False) as z:
