@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -43,11 +42,8 @@ def _restore_determinism():
 
 
 class Faulty(LeNet5):
-    """LeNet-5 whose `at`-th training forward pass goes wrong: NaN outputs, or a crash.
-
-    Counted on the thread that runs the training loop, one pass per step: where batches run
-    as two halves (cifar_run.speed.halves), the helper thread's passes over second halves are not.
-    """
+    """LeNet-5 whose `at`-th training forward pass (one per step) goes wrong: NaN outputs,
+    or a crash."""
 
     def __init__(self, at: int, fault: str) -> None:
         super().__init__()
@@ -55,7 +51,7 @@ class Faulty(LeNet5):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.training and threading.current_thread() is threading.main_thread():
+        if self.training:
             self.calls += 1
             if self.calls == self.at:
                 if self.fault == "crash":
