@@ -70,15 +70,22 @@ def run_cli(
     return _run([sys.executable, "-m", "cifar_run", *args], cwd, env, timeout)
 
 
-def start(command: list[str], cwd: Path, *, stdout: int = subprocess.DEVNULL, **popen: Any):
-    """`command` started in a subprocess (stderr piped, text) for tests that act on it while
-    it runs: kill or interrupt it, close its stdout."""
+def start(
+    command: list[str],
+    cwd: Path,
+    *,
+    stdout: Any = subprocess.DEVNULL,
+    stderr: Any = subprocess.PIPE,
+    **popen: Any,
+):
+    """`command` started in a subprocess (stderr piped unless given, text) for tests that act
+    on it while it runs: kill or interrupt it, close its stdout."""
     return subprocess.Popen(
         command,
         cwd=cwd,
         env=subprocess_env(),
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         **popen,
     )

@@ -22,7 +22,7 @@ from cifar_run.errors import UserError
 from cifar_run.outputs.loggers import settings as logger_settings
 from cifar_run.run import run
 
-from .conftest import TINY, compose_cfg, read_results, run_cli, subprocess_env
+from .conftest import TINY, compose_cfg, read_results, run_cli, start
 from .test_resume import RESUMABLE, Faulty
 
 NO_BATCH = [a for a in TINY if not a.startswith("batch_size=")]
@@ -228,14 +228,7 @@ def mlflow_server(tmp_path: Path):
     ]
     log = server / "server.log"  # a file, not a pipe: a full pipe would stall the server
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=server,
-            env=subprocess_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = start(command, server, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{url}/health", proc, log, seconds=180)
