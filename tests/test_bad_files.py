@@ -4,6 +4,7 @@ traceback, and nothing cached from a decode that failed."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,40 @@ def test_an_empty_class_folder_is_one_line_naming_it(tmp_path: Path, split: str,
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
     with pytest.raises(UserError, match=f"class folder {folder} holds no image files"):
+        data.load_imagefolder(root)
+
+
+def _keep_only_cat(root: Path) -> None:
+    for split in ("train", "test"):
+        for folder in (root / split).iterdir():
+            if folder.name != "cat":
+                shutil.rmtree(folder)
+
+
+LAYOUTS = {
+    "one class": (
+        _keep_only_cat,
+        "train/ holds 1 class folder(s); a classifier needs at least 2",
+    ),
+    "classes differ": (
+        lambda root: shutil.rmtree(root / "test" / "truck"),
+        "train/ and test/ have different class folders (truck in only one of them)",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_bad_layout_is_one_line_at_the_check_and_at_the_load(tmp_path: Path, layout: str) -> None:
+    """The config check and the loader share the layout checks; both name data.root as given."""
+    root = _copy(tmp_path)
+    change, message = LAYOUTS[layout]
+    change(root)
+    proc = run_cli(*_args(root, tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and f"data.root={root}: {message}" in lines[0], lines
+    assert "Traceback" not in proc.stderr + proc.stdout
+    with pytest.raises(UserError, match=re.escape(f"data.root={root}: {message}")):
         data.load_imagefolder(root)
 
 

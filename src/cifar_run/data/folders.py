@@ -74,22 +74,33 @@ def list_split(folder: str | os.PathLike) -> tuple[list[str], list[tuple[str, in
 
 
 def list_imagefolder(root: str | os.PathLike) -> Listing:
-    """Both splits of the image folder `root`, checked: both split folders exist, hold class
-    folders with images, and the same classes."""
-    root = Path(root).expanduser()
+    """Both splits of the image folder `root`, checked: it holds train/ and test/ with the
+    same class folders, at least two, each with image files. Errors name `root` as given."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"data.root={root}: no such folder; point it at a folder holding "
+            "train/<class>/* and test/<class>/*"
+        )
     for part in SPLITS:
-        if not (root / part).is_dir():
+        if not (folder / part).is_dir():
             raise UserError(
                 f"data.root={root}: no '{part}' folder; expected {root}/train/<class>/*.jpg "
                 f"and {root}/test/<class>/*.jpg"
             )
-    classes, train = list_split(root / "train")
-    test_classes, test = list_split(root / "test")
-    if not classes:
-        raise UserError(f"data.root={root}: train/ holds no class folders with images")
+    classes = class_folders(folder / "train")
+    if len(classes) < 2:
+        raise UserError(
+            f"data.root={root}: train/ holds {len(classes)} class folder(s); a classifier "
+            "needs at least 2 (one folder of images per class)"
+        )
+    test_classes = class_folders(folder / "test")
     if test_classes != classes:
+        only_one = sorted(set(classes) ^ set(test_classes))
         raise UserError(
             f"data.root={root}: train/ and test/ have different class folders "
-            f"({classes} vs {test_classes})"
+            f"({', '.join(only_one[:5])} in only one of them); both need the same classes"
         )
+    _, train = list_split(folder / "train")
+    _, test = list_split(folder / "test")
     return Listing(classes, train, test)

@@ -244,8 +244,8 @@ def load_imagefolder(
     with `strict` stop the load with a UserError. A folder with unreadable files is decoded
     again every time, never cached, so that every run warns about them.
     """
-    root = Path(root).expanduser()
     listing = list_imagefolder(root)
+    root = Path(root).expanduser()
     classes = listing.classes
     key = _fingerprint(root, listing.train + listing.test, image_size)
     cache = Path(cache_dir).expanduser() / f"imagefolder-{key}.npz" if cache_dir else None
