@@ -166,6 +166,27 @@ def test_a_search_needs_multirun(tmp_path: Path) -> None:
     assert len(lines) == 1 and "hparams_search=cifar_optuna" in lines[0] and "-m" in lines[0]
 
 
+def test_a_mistake_every_trial_shares_is_one_line_before_any_trial(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "s"
+    proc = run_cli(*search_args(sweep_dir, 2), "data.val_size=5000", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.val_size=5000" in lines[0], proc.stderr
+    assert not sweep_dir.exists()
+
+
+def test_a_dry_run_of_a_search_shows_one_trial_and_keeps_no_study(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "s"
+    proc = run_cli(*search_args(sweep_dir, 5), "dry_run=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("parameters: 62006") == 1  # one trial's model summary
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("search: dry run of one trial; the search runs 5 trials over")
+    assert "lr in [0.001, 0.05] (log)" in last and "batch_size in {32, 64, 128, 256}" in last
+    assert "failed" not in proc.stdout + proc.stderr
+    assert not sweep_dir.exists() and not (tmp_path / "outputs").exists()
+
+
 # In-process: the search space and the settings.
 
 

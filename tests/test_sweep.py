@@ -196,6 +196,15 @@ def test_unknown_key_or_option_stops_the_sweep_before_any_job(
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_mistake_every_job_shares_stops_the_sweep_before_any_job(tmp_path: Path) -> None:
+    """A bad value fails its own job only (above); one that no job escapes is one line."""
+    proc = run_cli("-m", *TINY, "lr=0.01,0.02", "epochs=-1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "epochs=-1" in lines[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 # In-process: the job wrapper and the folder names.
 
 

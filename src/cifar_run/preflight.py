@@ -303,13 +303,15 @@ def preflight(argv: list[str]) -> str | None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         sweep_cfg = _sweep_config([*kept, *searchpath])
         search = is_search(sweep_cfg)
+        varied = {o.key_or_group for o in task if o.is_sweep_override()}
         if search:
             _check_search(sweep_cfg, sweep_overrides, task, multirun)
+            varied |= set(sweep_cfg.hydra.sweeper.params or {})
             task = [o for o in task if not o.is_sweep_override()]  # ranges: the search's
         elif sweeps and not multirun:
             raise UserError(f"{sweeps[0]}: several values need multirun; add -m")
         jobs = BasicSweeper.split_arguments(task, None)[0] if task else [[]]
-        all_dry = _check_jobs(jobs, options, searchpath, hydra_overrides, multirun)
+        all_dry = _check_jobs(jobs, options, searchpath, hydra_overrides, multirun, varied)
         if not all_dry:
             sweep_cfg = _sweep_config([*sweep_overrides, *searchpath])
         if multirun and not all_dry:
@@ -328,9 +330,10 @@ def _check_jobs(
     searchpath: list[str],
     hydra_overrides: list[str],
     multirun: bool,
+    searched: set[str],
 ) -> bool:
     """preflight's checks of the composed jobs, inside initialize_config_dir; returns
-    whether every job is a dry run."""
+    whether every job is a dry run. `searched`: the keys a search draws values for."""
     from hydra import compose
 
     from cifar_run.config.checks import validate
@@ -345,12 +348,33 @@ def _check_jobs(
         _check_added_keys(job, options, searchpath)
         check_loggers(cfgs[-1])  # a missing package or a bad logger key: every job alike
     all_dry = all(cfg.dry_run is True for cfg in cfgs)
-    if not multirun:
-        # In a sweep a bad value fails its own job only; the others still run.
+    if multirun:
+        _refuse_shared_mistake(cfgs, searched)
+    else:
         validate(cfgs[0])
         if not cfgs[0].dry_run:
             _check_run_folder(jobs[0], [*hydra_overrides, *searchpath])
     return all_dry
+
+
+def _refuse_shared_mistake(cfgs: list[DictConfig], searched: set[str]) -> None:
+    """In a sweep a bad value fails its own job only and the others still run; a mistake
+    that every job shares would fail them one by one, so it is refused here in one line. A
+    search's one composed job lacks the drawn values: a mistake in a searched key is left to
+    its trials."""
+    from cifar_run.config.checks import validate
+
+    first: UserError | None = None
+    for cfg in cfgs:
+        try:
+            validate(cfg)
+            return
+        except UserError as exc:
+            first = first or exc
+    assert first is not None
+    key = str(first).split("=", 1)[0]
+    if not any(key == k or key.startswith(f"{k}.") for k in searched):
+        raise first
 
 
 def _sweep_config(sweep_overrides: list[str]) -> DictConfig:

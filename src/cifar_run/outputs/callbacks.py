@@ -69,7 +69,8 @@ class SweepSummary(Callback):
         try:
             runs = load_runs([sweep_dir])
         except ValueError as exc:
-            log.warning("no summary: %s", exc)
+            if not config.get("dry_run"):  # a dry run's jobs write results.json only on failure
+                log.warning("no summary: %s", exc)
             return
         if config.get("dry_run"):
             # Dry runs print their own summary and leave results.json only when they fail.

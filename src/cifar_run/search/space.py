@@ -97,3 +97,14 @@ def trial_overrides(params: Mapping[str, Any]) -> list[str]:
     """A trial's values as overrides; a float keeps every digit (repr), so the same trial
     always gets the same job folder name."""
     return [f"{key}={_text(value)}" for key, value in params.items()]
+
+
+def describe(space: Space) -> str:
+    """The search space in one line: `lr in [0.001, 0.3] (log), batch_size in {32, 64}`."""
+    parts = []
+    for key, dist in sorted(space.distributions.items()):
+        if hasattr(dist, "choices"):
+            parts.append(f"{key} in {{{', '.join(_text(c) for c in dist.choices)}}}")
+        else:
+            parts.append(f"{key} in [{dist.low:g}, {dist.high:g}]" + (" (log)" if dist.log else ""))
+    return ", ".join(parts)

@@ -27,7 +27,7 @@ from cifar_run.errors import UserError
 from cifar_run.outputs import files as report
 from cifar_run.outputs import locks
 from cifar_run.search.settings import SearchSettings, require_optuna
-from cifar_run.search.space import Space, parse_space, trial_overrides
+from cifar_run.search.space import Space, describe, parse_space, trial_overrides
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Search:
 
     def run(self, arguments: list[str]) -> Any:
         space = parse_space(self.settings.params, arguments)
+        if self.config.get("dry_run") is True:
+            return self._dry_run(space)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")  # what sweeps keep
         study = open_study(self.settings, self.sweep_dir, space)
@@ -164,6 +166,26 @@ class Search:
             self._launch(study, space, [(t.number, t.params) for t in trials])
         return self._report(study)
 
+    def _dry_run(self, space: Space) -> None:
+        """One trial's job as a dry run, its values drawn from the space, and no study kept
+        (the sweep folder of a dry run is a temporary one): the jobs are checked without
+        n_trials dry runs that train nothing."""
+        study = require_optuna().create_study(direction=self.settings.direction)  # in memory
+        overrides = [[*space.fixed, *trial_overrides(study.ask(space.distributions).params)]]
+        self._check(overrides)
+        self.launcher.launch(overrides, initial_job_idx=0)
+        print(
+            f"search: dry run of one trial; the search runs {self.settings.n_trials} trials "
+            f"over {describe(space)}",
+            flush=True,
+        )
+
+    def _check(self, overrides: list[list[str]]) -> None:
+        try:
+            self.validate(overrides)
+        except Exception as exc:  # e.g. a searched key the config does not have
+            raise UserError(str(exc).strip().splitlines()[0]) from None
+
     def _launch(self, study: Any, space: Space, trials: list[tuple[int, dict[str, Any]]]) -> None:
         """Run trials as jobs numbered like them (consecutive numbers go out together)."""
         groups: list[list[tuple[int, dict[str, Any]]]] = []
@@ -174,10 +196,7 @@ class Search:
                 groups.append([trial])
         for group in groups:
             overrides = [[*space.fixed, *trial_overrides(params)] for _, params in group]
-            try:
-                self.validate(overrides)
-            except Exception as exc:  # e.g. a searched key the config does not have
-                raise UserError(str(exc).strip().splitlines()[0]) from None
+            self._check(overrides)
             returns = self.launcher.launch(overrides, initial_job_idx=group[0][0])
             for (number, _), ret in zip(group, returns, strict=True):
                 value, error = trial_result(ret, self.settings.metric)
