@@ -52,6 +52,14 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+def _interrupt(proc: subprocess.Popen) -> str:
+    """Ctrl-C, then the run's end: exit status 130 and its one stderr line."""
+    _ctrl_c(proc)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    return _one_line(err)
+
+
 def _group_gone(pgid: int) -> bool:
     """Whether no process of the group is left (helpers, sweep workers)."""
     deadline = time.monotonic() + 30
@@ -104,10 +112,7 @@ def test_ctrl_c_while_cifar_run_loads_is_one_line(tmp_path: Path, after: float) 
     run_dir = tmp_path / "run"
     proc = _start([*TINY, f"hydra.run.dir={run_dir}"], tmp_path)
     time.sleep(after)
-    _ctrl_c(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    line = _one_line(err)
+    line = _interrupt(proc)
     assert line.startswith("cifar-run: interrupted; "), line
     # Where the run had begun (a fast machine) it is marked failed; a press between the run
     # folder's making and its first results.json leaves none, and the line says to run again.
@@ -124,10 +129,7 @@ def test_ctrl_c_right_after_the_data_loads(tmp_path: Path, after: float) -> None
     proc = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path, stdout=subprocess.PIPE)
     _wait_for_line(proc, "data: ")
     time.sleep(after)
-    _ctrl_c(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert _one_line(err).startswith("cifar-run: interrupted; "), err
+    assert _interrupt(proc).startswith("cifar-run: interrupted; ")
     assert _group_gone(proc.pid)
     assert read_results(run_dir)["status"] == "failed"
     _assert_resumable(run_dir)
@@ -138,12 +140,10 @@ def test_ctrl_c_twice_quickly_is_still_one_line(tmp_path: Path) -> None:
     args = [*TINY, "epochs=60"]
     proc = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path, stdout=subprocess.PIPE)
     _wait_for_line(proc, "epoch 2/60")  # epoch 1 has its checkpoint
-    for gap in (0.0, 0.02, 0.2):  # a second and a third press while the first is handled
-        time.sleep(gap)
+    for gap in (0.02, 0.2):  # three presses (the last in _interrupt) close together
         _ctrl_c(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    line = _one_line(err)
+        time.sleep(gap)
+    line = _interrupt(proc)
     assert line.startswith("cifar-run: interrupted; resume from the last finished epoch"), line
     assert read_results(run_dir)["status"] == "failed"
     assert checkpoint.load(checkpoint.state_path(run_dir)).epoch >= 1
@@ -159,10 +159,7 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_the_rerun_completes(
         args += ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     proc = _start(args, tmp_path, stdout=subprocess.PIPE)
     _wait_for_line(proc, "epoch 2/12")  # a job is training
-    _ctrl_c(proc)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert _one_line(err) == (
+    assert _interrupt(proc) == (
         f"cifar-run: interrupted; rerun the same command with hydra.sweep.dir={sweep_dir}: "
         "completed jobs are skipped, the interrupted one resumes from its last finished epoch"
     )

@@ -23,26 +23,10 @@ from cifar_run.outputs.loggers.settings import check_loggers
 from cifar_run.search.checks import check_search, is_search
 
 # Hydra flags that print or do something other than a run: leave them to Hydra untouched.
-_HYDRA_ONLY_FLAGS = {
-    "--help",
-    "-h",
-    "--hydra-help",
-    "--version",
-    "--cfg",
-    "-c",
-    "--info",
-    "-i",
-    "--shell-completion",
-    "-sc",
-    "--experimental-rerun",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--package",
-    "-p",
-    "--resolve",
-}
+_HYDRA_ONLY_FLAGS = set(
+    "--help -h --hydra-help --version --cfg -c --info -i --shell-completion"
+    " -sc --experimental-rerun --config-path -cp --config-name -cn --package -p --resolve".split()
+)
 MULTIRUN_FLAGS = {"--multirun", "-m"}
 SEARCH = "hparams_search"  # the config group of searches (conf/hparams_search/)
 # Hydra runs in one mode per command; with -m these end in its ValueError traceback.
