@@ -114,6 +114,14 @@ def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return run_code("from cifar_run.cli import report_main; report_main()", *args, cwd=cwd)
 
 
+def one_line(stderr: str) -> str:
+    """The one non-blank line a user mistake or a stop leaves on stderr, with no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    return lines[0]
+
+
 def read_results(folder: Path) -> dict:
     """The results.json of a run or sweep job folder."""
     return json.loads((folder / "results.json").read_text())

@@ -15,7 +15,7 @@ import torch
 from cifar_run.data import sources as data
 from cifar_run.errors import UserError
 
-from .conftest import TEST_DATA, TINY, read_results, run_cli
+from .conftest import TEST_DATA, TINY, one_line, read_results, run_cli
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -120,9 +120,8 @@ def test_a_bad_layout_is_one_line_at_the_check_and_at_the_load(tmp_path: Path, l
     change(root)
     proc = run_cli(*_args(root, tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = _error_lines(proc.stderr)
-    assert len(lines) == 1 and f"data.root={root}: {message}" in lines[0], lines
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"data.root={root}: {message}" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stdout
     with pytest.raises(UserError, match=re.escape(f"data.root={root}: {message}")):
         data.load_imagefolder(root)
 

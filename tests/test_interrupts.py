@@ -18,7 +18,7 @@ import pytest
 from cifar_run.engine import checkpoint
 from cifar_run.outputs import atomic
 
-from .conftest import CLI, TINY, read_results, run_cli, start
+from .conftest import CLI, TINY, one_line, read_results, run_cli, start
 
 # TINY over three epochs, bit-reproducible (as tests/test_resume.py's RESUMABLE).
 RESUMABLE = [*TINY, "epochs=3", "augment=standard", "deterministic=true"]
@@ -45,19 +45,12 @@ def _ctrl_c(proc: subprocess.Popen) -> None:
         pass
 
 
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "Exception ignored" not in err, err
-    return lines[0]
-
-
 def _interrupt(proc: subprocess.Popen) -> str:
     """Ctrl-C, then the run's end: exit status 130 and its one stderr line."""
     _ctrl_c(proc)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    return _one_line(err)
+    return one_line(err)
 
 
 def _group_gone(pgid: int) -> bool:
@@ -104,7 +97,7 @@ def _resume(args: list[str], run_dir: Path, cwd: Path) -> subprocess.CompletedPr
 
 
 @pytest.mark.parametrize("after", [0.3, 0.8, 1.3, 1.8])
-def test_ctrl_c_while_cifar_run_loads_is_one_line(tmp_path: Path, after: float) -> None:
+def test_ctrl_c_while_cifar_run_loads_isone_line(tmp_path: Path, after: float) -> None:
     # Hydra and torch take seconds to load, and the config is composed twice. An interrupt
     # inside an import could be swallowed by the C code importing (the run then went on), or
     # leave a module half imported (the run then failed later, elsewhere); one inside Hydra's
@@ -135,7 +128,7 @@ def test_ctrl_c_right_after_the_data_loads(tmp_path: Path, after: float) -> None
     _assert_resumable(run_dir)
 
 
-def test_ctrl_c_twice_quickly_is_still_one_line(tmp_path: Path) -> None:
+def test_ctrl_c_twice_quickly_is_stillone_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*TINY, "epochs=60"]
     proc = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path, stdout=subprocess.PIPE)

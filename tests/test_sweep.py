@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from cifar_run.errors import UserError
 from cifar_run.outputs import sweep
 
-from .conftest import TEST_DATA, TINY, read_results, run_cli, run_report
+from .conftest import TEST_DATA, TINY, one_line, read_results, run_cli, run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -200,8 +200,7 @@ def test_a_mistake_every_job_shares_stops_the_sweep_before_any_job(tmp_path: Pat
     """A bad value fails its own job only (above); one that no job escapes is one line."""
     proc = run_cli("-m", *TINY, "lr=0.01,0.02", "epochs=-1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "epochs=-1" in lines[0], proc.stderr
+    assert "epochs=-1" in one_line(proc.stderr)
     assert not (tmp_path / "outputs").exists()
 
 

@@ -21,7 +21,7 @@ from cifar_run.engine.reproducibility import set_deterministic
 from cifar_run.exits import os_error_line
 from cifar_run.outputs import atomic
 
-from .conftest import TINY, read_results, run_cli, run_code
+from .conftest import TINY, one_line, read_results, run_cli, run_code
 from .test_resume import RESUMABLE, STEPS_PER_EPOCH, _faulty_run, _metric_rows
 
 # `cifar-run ARGS` after a change to this process: the code in PATCH, then the entry point.
@@ -65,12 +65,6 @@ def _restore_determinism() -> Iterator[None]:
 
 def _temps(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob(atomic.TEMP_PATTERN)]
-
-
-def _one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +134,7 @@ def test_a_refused_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(
     proc = run_code(code_text, *RESUMABLE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 74, proc.stderr
     state = checkpoint.state_path(run_dir)
-    assert _one_line(proc.stderr) == (
+    assert one_line(proc.stderr) == (
         f"cifar-run: error: {os_error_line(OSError(code, os.strerror(code), str(state)))}; "
         "resume from the last finished epoch: the same command plus resume=true "
         f"hydra.run.dir={run_dir}"
@@ -199,7 +193,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_last_checkpoint(
             cwd=tmp_path,
         )
         assert proc.returncode == 74, proc.stderr
-        line = _one_line(proc.stderr)
+        line = one_line(proc.stderr)
         assert re.fullmatch(
             rf"cifar-run: error: {re.escape(str(run_dir))}/checkpoints/(best|last|state)\.pt: "
             rf"{reason}; [^;]+; resume from the last finished epoch: the same command plus "
@@ -224,6 +218,6 @@ def test_a_refused_checkpoint_is_one_line_with_torch_warnings_folded_in(tmp_path
     path.write_bytes(pickle.dumps({"conv1.weight": [1.0]}, protocol=5))  # not torch.save's
     proc = run_cli(*TINY, f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    line = _one_line(proc.stderr)
+    line = one_line(proc.stderr)
     assert line.startswith(f"cifar-run: error: ckpt_path={path}: cannot read it as a state dict")
     assert "Warning" not in proc.stderr
