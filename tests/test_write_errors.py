@@ -71,7 +71,7 @@ def _temps(folder: Path) -> list[str]:
 # Atomic writes
 
 
-@pytest.mark.parametrize("where", ["write", "replace", "mkstemp"])
+@pytest.mark.parametrize("where", ["write", "replace", "create"])
 def test_a_failed_write_keeps_the_old_file_and_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
@@ -79,21 +79,39 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp_file(
     atomic.write_text(path, "old")
 
     def refuse(*args: object, **kwargs: object) -> None:
-        code = {"write": errno.ENOSPC, "replace": errno.EROFS, "mkstemp": errno.EACCES}[where]
-        # A failed write(2) names no file; os.replace and mkstemp name the temp file.
-        temp = str(args[0]) if args else os.path.join(kwargs["dir"], f"{kwargs['prefix']}x.tmp")
-        raise OSError(code, os.strerror(code), None if where == "write" else temp)
+        code = {"write": errno.ENOSPC, "replace": errno.EROFS, "create": errno.EACCES}[where]
+        # A failed write(2) names no file; os.replace and os.open name the temp file.
+        raise OSError(code, os.strerror(code), None if where == "write" else str(args[0]))
 
     if where == "write":
         with pytest.raises(OSError) as info:
             atomic._atomic_write(path, refuse)
     else:
-        target = (atomic.os, "replace") if where == "replace" else (atomic.tempfile, "mkstemp")
-        monkeypatch.setattr(*target, refuse)
+        monkeypatch.setattr(atomic.os, "replace" if where == "replace" else "open", refuse)
         with pytest.raises(OSError) as info:
             atomic.write_text(path, "new")
     assert info.value.filename == str(path)  # the file meant, not its temp file
-    assert isinstance(info.value, PermissionError) == (where == "mkstemp")
+    assert isinstance(info.value, PermissionError) == (where == "create")
+    assert path.read_text() == "old" and _temps(tmp_path) == []
+
+
+def test_ctrl_c_as_the_temp_file_is_created_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C raises wherever the main thread is: here after the temp file exists but before
+    the call that created it has returned its name."""
+    path = tmp_path / "results.json"
+    atomic.write_text(path, "old")
+    real_open = os.open
+
+    def create_then_interrupt(*args: object, **kwargs: object) -> None:
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "open", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_text(path, "new")
+    monkeypatch.undo()
     assert path.read_text() == "old" and _temps(tmp_path) == []
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -18,19 +18,9 @@ from typing import IO, Any
 TEMP_PATTERN = ".*.tmp"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates files readable by the owner only; results should get the usual permissions.
-_FILE_MODE = 0o666 & ~_current_umask()
-
-
 def _naming(exc: OSError, path: Path) -> OSError:
     """`exc` naming `path` where it names no file (a failed write(2)) or a temp file of
-    `path` (mkstemp, os.replace): the same errno and so the same OSError subclass."""
+    `path` (its creation, os.replace): the same errno and so the same OSError subclass."""
     temp = os.path.basename(str(exc.filename or ""))
     if exc.filename is None or (temp.startswith(f".{path.name}.") and temp.endswith(".tmp")):
         return OSError(exc.errno, exc.strerror or str(exc), str(path))
@@ -43,12 +33,19 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The temp file lives in the target folder so os.replace is a same-filesystem rename.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # It is named before it is created (tempfile.mkstemp names it only on return), so an
+        # exception between its creation and that return, Ctrl-C's included, still finds it to
+        # remove; O_EXCL makes the name this writer's own.
+        while tmp is None:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                tmp = None
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
