@@ -35,10 +35,6 @@ def _args(root: Path, run_dir: Path) -> list[str]:
     return [*without_root, f"data.root={root}", f"hydra.run.dir={run_dir}"]
 
 
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
-
-
 def test_unreadable_images_are_skipped_with_one_warning_each_and_counted(tmp_path: Path) -> None:
     root, cache = _copy(tmp_path), tmp_path / "cache"
     bad = [root / "train" / "cat" / "0003.jpg", root / "test" / "dog" / "0001.jpg"]
@@ -69,9 +65,8 @@ def test_strict_stops_at_an_unreadable_image_naming_it(tmp_path: Path, kind: str
         *_args(root, run_dir), "data.strict=true", cwd=tmp_path, env={"CIFAR_RUN_CACHE": str(cache)}
     )
     assert proc.returncode == 2, proc.stderr
-    lines = _error_lines(proc.stderr)
-    assert len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert f"data.strict=true: cannot read image {bad}" in lines[0]
+    assert f"data.strict=true: cannot read image {bad}" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stdout
     assert read_results(run_dir)["status"] == "failed"  # it started, and claims nothing
     assert not (run_dir / "checkpoints").exists() and not list(cache.glob("*.npz"))
 
@@ -85,9 +80,8 @@ def test_an_empty_class_folder_is_one_line_naming_it(tmp_path: Path, split: str,
         image.unlink()
     proc = run_cli(*_args(root, tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = _error_lines(proc.stderr)
-    assert len(lines) == 1 and f"class folder {folder} holds no image files" in lines[0], lines
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"class folder {folder} holds no image files" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stdout
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
     with pytest.raises(UserError, match=f"class folder {folder} holds no image files"):
         data.load_imagefolder(root)

@@ -16,7 +16,7 @@ import torch
 import cifar_run
 from cifar_run.models.lenet import LeNet5
 
-from .conftest import CLI, TINY, run_cli, run_report, start
+from .conftest import CLI, TINY, one_line, run_cli, run_report, start
 
 
 def test_dry_run_prints_the_parameter_count(tmp_path: Path) -> None:
@@ -135,9 +135,7 @@ if not torch.cuda.is_available():
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path: Path, override: str, named: str) -> None:
     proc = run_cli(*TINY, override, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert named in lines[0] and "Traceback" not in proc.stderr + proc.stdout
+    assert named in one_line(proc.stderr) and "Traceback" not in proc.stdout
     assert not list(tmp_path.rglob("results.csv"))  # nothing claims success
 
 
@@ -160,9 +158,8 @@ def test_list_of_values_without_multirun_is_refused(tmp_path: Path) -> None:
 def test_multirun_with_a_print_mode_is_one_line_not_a_traceback(tmp_path: Path, mode: str) -> None:
     proc = run_cli("-m", "batch_size=8,16", mode, "job", cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and mode in lines[0] and "-m" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    line = one_line(proc.stderr)
+    assert mode in line and "-m" in line and "Traceback" not in proc.stdout
     assert not (tmp_path / "outputs").exists()
 
 
@@ -179,10 +176,9 @@ def test_output_folder_under_a_file_is_one_line_before_anything_runs(
     (tmp_path / "a_file").write_text("not a folder")
     proc = run_cli(*TINY, *args, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"cifar-run: error: {key}=a_file/")
-    assert "a_file is a file, not a folder" in lines[0]
+    line = one_line(proc.stderr)
+    assert line.startswith(f"cifar-run: error: {key}=a_file/")
+    assert "a_file is a file, not a folder" in line
 
 
 def test_help_says_how_to_call_it_and_lists_every_group(tmp_path: Path) -> None:

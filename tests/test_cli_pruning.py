@@ -16,7 +16,7 @@ from cifar_run.data.sources import load_data
 from cifar_run.engine.loop import evaluate
 from cifar_run.models.lenet import LeNet5
 
-from .conftest import TEST_DATA, TINY, run_cli
+from .conftest import TEST_DATA, TINY, one_line, run_cli
 
 PRUNED_KEYS = (
     "prune",
@@ -156,9 +156,7 @@ def test_bad_pruning_input_is_one_line_and_exit_status_2(
 ) -> None:
     proc = run_cli(*TINY, override, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert named in lines[0] and "Traceback" not in proc.stderr + proc.stdout
+    assert named in one_line(proc.stderr) and "Traceback" not in proc.stdout
     assert not list(tmp_path.rglob("results.json"))  # stopped before the run started
 
 
@@ -174,7 +172,6 @@ def test_empty_layer_selection_fails_before_data_loads(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "pruning.include_classifier: selects no Conv2d/Linear weight" in lines[0]
+    line = one_line(proc.stderr)
+    assert "pruning.include_classifier: selects no Conv2d/Linear weight" in line
     assert not list(tmp_path.rglob("results.json"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TEST_DATA, read_results, run_cli
+from .conftest import REPO, TEST_DATA, one_line, read_results, run_cli
 from .folders import copy_classes
 
 DATA = ["data=imagefolder", f"data.root={TEST_DATA}", "data.subset=10", "data.val_size=0.1"]
@@ -69,9 +69,7 @@ def mine(tmp_path: Path) -> dict[str, str]:
 
 def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+    return one_line(proc.stderr)
 
 
 def test_experiment_and_model_of_ones_own_train_through_config_dir(

@@ -14,7 +14,7 @@ from cifar_run.config.checks import validate
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
-from .conftest import TINY, compose_cfg, read_results, run_cli
+from .conftest import TINY, compose_cfg, one_line, read_results, run_cli
 
 # A learning rate far below fp32's resolution of the weights: every epoch scores the same on
 # validation, so epoch 1 stays the best and the patience runs out on schedule.
@@ -77,9 +77,8 @@ def test_bad_early_stop_is_refused(value: str) -> None:
 
 def test_early_stop_without_a_validation_split_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = run_cli(*TINY, "data.val_size=0", "early_stop=3", cwd=tmp_path)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "early_stop=3: needs a validation split" in lines[0]
+    assert proc.returncode == 2, proc.stderr
+    assert "early_stop=3: needs a validation split" in one_line(proc.stderr)
     assert not any(tmp_path.rglob("results.json"))  # refused before any run started
 
 

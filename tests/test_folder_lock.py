@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cifar_run.outputs import folder_lock
 
-from .conftest import CLI, TINY, read_results, run_cli, start, subprocess_env
+from .conftest import CLI, TINY, one_line, read_results, run_cli, start, subprocess_env
 
 HOLD = (
     "import sys, time\n"
@@ -39,10 +39,6 @@ def _holder(folder: Path) -> subprocess.Popen:
     )
     assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
     return proc
-
-
-def _lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
 
 
 def test_a_held_folder_is_refused_and_freed_when_its_holder_is_killed(tmp_path: Path) -> None:
@@ -80,9 +76,7 @@ def test_two_runs_started_at_once_into_one_folder(tmp_path: Path) -> None:
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], errs
     winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
-    lines = _lines(errs[loser])
-    assert len(lines) == 1 and "Traceback" not in errs[loser], errs[loser]
-    assert lines[0] == (
+    assert one_line(errs[loser]) == (
         f"cifar-run: error: hydra.run.dir={run_dir}: in use by another cifar-run "
         f"(pid {procs[winner].pid}); wait for it to end, or choose another hydra.run.dir"
     )
@@ -113,9 +107,8 @@ def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path: Path) ->
         _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     assert second.returncode == 2, second.stderr
-    lines = _lines(second.stderr)
-    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
-    assert f"hydra.sweep.dir={sweep_dir}: in use by another cifar-run (pid {first.pid})" in lines[0]
+    line = one_line(second.stderr)
+    assert f"hydra.sweep.dir={sweep_dir}: in use by another cifar-run (pid {first.pid})" in line
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2 and all(read_results(j)["status"] == "completed" for j in jobs)
     assert all(read_results(j)["epochs_run"] == 2 for j in jobs)
@@ -156,11 +149,11 @@ def test_a_run_folder_hydra_cannot_parse_is_one_line_naming_the_key(
 ) -> None:
     proc = run_cli(*TINY, f"hydra.run.dir={value}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = _lines(proc.stderr)
-    assert len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert lines[0].startswith("cifar-run: error: hydra.run.dir") and reason in lines[0]
+    line = one_line(proc.stderr)
+    assert line.startswith("cifar-run: error: hydra.run.dir") and reason in line
+    assert "Traceback" not in proc.stdout
     assert list(tmp_path.iterdir()) == []  # nothing made
     if "=" in value:  # the quotes it suggests work: through the shell, then Hydra's parser
-        (suggested,) = shlex.split(lines[0].rpartition("e.g. ")[2])
+        (suggested,) = shlex.split(line.rpartition("e.g. ")[2])
         (parsed,) = OverridesParser.create().parse_overrides([suggested])
         assert parsed.key_or_group == "hydra.run.dir" and parsed.value() == value

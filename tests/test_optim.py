@@ -19,7 +19,7 @@ from cifar_run.engine.optim import build_optimizer, build_scheduler
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
-from .conftest import TINY, compose_cfg, run_cli
+from .conftest import TINY, compose_cfg, one_line, run_cli
 
 LR = 0.1
 EPOCHS = 6
@@ -314,8 +314,7 @@ def test_bad_values_are_one_line_errors(overrides: list[str], named: str) -> Non
 def test_bad_values_through_the_cli(tmp_path: Path, overrides: list[str], named: str) -> None:
     proc = run_cli(*TINY, *overrides, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and named in lines[0] and "Traceback" not in proc.stderr
+    assert named in one_line(proc.stderr)
     assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("*.pt"))
 
 

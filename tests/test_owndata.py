@@ -21,7 +21,7 @@ from cifar_run.engine.loop import evaluate
 from cifar_run.errors import UserError
 from cifar_run.models import build_model, check_input
 
-from .conftest import TEST_DATA, compose_cfg, run_cli
+from .conftest import TEST_DATA, compose_cfg, one_line, run_cli
 from .folders import add_class, copy_classes, corrupt, recount, resized_copy, results
 
 # A tiny exact run: fp32 and no speed tricks, so a recount in plain torch sees the same argmax.
@@ -122,9 +122,7 @@ def test_a_64x64_folder_at_64_and_the_model_that_cannot_take_it(big: Path, tmp_p
     check_input(build_model(cnn7.model), 64, 10, "cnn7", "data.image_size=64")
     lenet = run_cli(*_folder_args(big), "data.image_size=64", "dry_run=true", cwd=tmp_path)
     assert lenet.returncode == 2
-    lines = lenet.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in lenet.stderr, lenet.stderr
-    assert lines[0].startswith(
+    assert one_line(lenet.stderr).startswith(
         "cifar-run: error: data.image_size=64: model lenet5 cannot take 64x64 images ("
     )
 
@@ -230,12 +228,11 @@ def test_cifar100_that_cannot_be_had_is_one_line(tmp_path: Path) -> None:
         env={**refused, "no_proxy": "", "NO_PROXY": ""},
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines[0].startswith(
+    line = one_line(proc.stderr)
+    assert line.startswith(
         f"cifar-run: error: data.root={root}: CIFAR-100 is not there and could not be downloaded"
     )
-    assert "cifar-100-python.tar.gz" in lines[0]
+    assert "cifar-100-python.tar.gz" in line
     with pytest.raises(UserError, match=re.escape(f"data.root={root}: CIFAR-100 is not there")):
         sources.load_cifar("cifar100", root, download=False)  # offline: no network touched
 

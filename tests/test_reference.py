@@ -18,7 +18,7 @@ from cifar_run.errors import UserError
 from cifar_run.outputs.run_folders import load_runs
 from cifar_run.outputs.summary import summarize, write_summary
 
-from .conftest import TEST_DATA, compose_cfg, read_results, run_cli, run_report
+from .conftest import TEST_DATA, compose_cfg, one_line, read_results, run_cli, run_report
 from .test_report import make_run, make_sweep
 
 # Report 000's Table 1 as the report prints it (../shared/seeds/000_fa2c2f007abad5c0.txt):
@@ -137,8 +137,7 @@ def test_a_bad_reference_stops_the_run_before_training(
 ) -> None:
     proc = run_cli("experiment=report003", override, cwd=tmp_path)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert message in one_line(proc.stderr)
     assert not (tmp_path / "outputs").exists()
 
 

@@ -17,7 +17,7 @@ from cifar_run.outputs import files as report
 from cifar_run.outputs.run_folders import load_runs
 from cifar_run.outputs.summary import summarize
 
-from .conftest import REPORT, compose_cfg, run_cli, run_report, start
+from .conftest import REPORT, compose_cfg, one_line, run_cli, run_report, start
 from .test_sweep import PNG_MAGIC
 
 
@@ -231,9 +231,9 @@ def test_report_on_a_folder_without_runs_exits_2_with_one_line(tmp_path: Path, m
         (target / "sub").mkdir()
     proc = run_report(str(target), cwd=tmp_path)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and str(target) in lines[0], proc.stderr
-    assert ("no such folder" if make == "missing" else "expected a run folder") in lines[0]
+    line = one_line(proc.stderr)
+    assert str(target) in line
+    assert ("no such folder" if make == "missing" else "expected a run folder") in line
     assert proc.stdout == "" and not list(tmp_path.rglob("summary.*"))
 
 

@@ -191,8 +191,7 @@ def test_unknown_key_or_option_stops_the_sweep_before_any_job(
 ) -> None:
     proc = run_cli("-m", *TINY, "lr=0.01,0.02", override, cwd=tmp_path)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and named in lines[0], proc.stderr
+    assert named in one_line(proc.stderr)
     assert not (tmp_path / "outputs").exists()
 
 
@@ -307,8 +306,8 @@ def test_rerun_with_a_config_the_folder_names_leave_out_is_refused(
 
     proc = rerun_into(sweep_dir, args, tmp_path, cache_dir, {"data.root": other_root})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "data.root" in lines[0] and "hydra.sweep.dir" in lines[0], lines
+    line = one_line(proc.stderr)
+    assert "data.root" in line and "hydra.sweep.dir" in line
     assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
     assert [p.stat().st_mtime_ns for p in files] == before  # nothing touched
 

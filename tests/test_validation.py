@@ -11,7 +11,7 @@ from cifar_run.config.values import MAX_SEED
 from cifar_run.errors import UserError
 from cifar_run.run import run
 
-from .conftest import TEST_DATA, TINY, compose_cfg, run_cli, run_code
+from .conftest import TEST_DATA, TINY, compose_cfg, one_line, run_cli, run_code
 
 BAD_VALUES = [
     # (override, what the one-line message must contain)
@@ -119,9 +119,7 @@ def test_structural_mistakes_through_the_cli(tmp_path: Path, override: str, name
     args = [*TINY, override] if override != "data=imagefolder" else [override, "epochs=1"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and named in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert named in one_line(proc.stderr) and "Traceback" not in proc.stdout
     assert not list(tmp_path.rglob("results.json"))
 
 
