@@ -97,7 +97,7 @@ def _resume(args: list[str], run_dir: Path, cwd: Path) -> subprocess.CompletedPr
 
 
 @pytest.mark.parametrize("after", [0.3, 0.8, 1.3, 1.8])
-def test_ctrl_c_while_cifar_run_loads_isone_line(tmp_path: Path, after: float) -> None:
+def test_ctrl_c_while_cifar_run_loads_is_one_line(tmp_path: Path, after: float) -> None:
     # Hydra and torch take seconds to load, and the config is composed twice. An interrupt
     # inside an import could be swallowed by the C code importing (the run then went on), or
     # leave a module half imported (the run then failed later, elsewhere); one inside Hydra's
@@ -128,7 +128,7 @@ def test_ctrl_c_right_after_the_data_loads(tmp_path: Path, after: float) -> None
     _assert_resumable(run_dir)
 
 
-def test_ctrl_c_twice_quickly_is_stillone_line(tmp_path: Path) -> None:
+def test_ctrl_c_twice_quickly_is_still_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*TINY, "epochs=60"]
     proc = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path, stdout=subprocess.PIPE)
